@@ -1,0 +1,163 @@
+// Schemas of every fused_preact:: op, written once (extension-cpp style), and
+// the device-generic ("composite") ops built from the per-device kernels in
+// cpu/ and cuda/. Math: ../shared/DESIGN.md section 2 (see README for a copy
+// of the formulas beside each op).
+//
+// Per-channel vectors (mean, var, invstd, scale, shift, partial sums) are
+// float32, or float64 for float64 inputs: statistics never live in fp16/bf16.
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "fused_preact.h"
+
+// `import fused_preact._C` needs a module init; the ops register themselves
+// through the static initialisers of TORCH_LIBRARY blocks when the .so loads.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace fused_preact {
+
+void check_bn_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D of shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
+              ": x must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+              x.scalar_type());
+}
+
+void check_channel_vector(const at::Tensor& v, const at::Tensor& x, const char* name, const char* op) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), op, ": ", name, " must have shape (C,) = (", x.size(1),
+              ",) to match x's channels, got ", v.sizes());
+  TORCH_CHECK(v.device() == x.device(), op, ": ", name, " is on ", v.device(), " but x is on ", x.device());
+  TORCH_CHECK(v.scalar_type() == stats_dtype(x), op, ": ", name, " must be ", stats_dtype(x), " for ",
+              x.scalar_type(), " x, got ", v.scalar_type());
+}
+
+void check_same_as_x(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has ", x.scalar_type());
+}
+
+at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Layout layout_of(const at::Tensor& x) {
+  // Channels-last wins when both descriptions fit (C == 1 or H == W == 1):
+  // then the two layouts are the same bytes and either indexing is right.
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::kChannelsLast;
+  if (x.is_contiguous()) return Layout::kNCHW;
+  return Layout::kStrided;
+}
+
+at::Tensor dense(const at::Tensor& x) {
+  // Non-contiguous inputs (slices, transposes) are copied once into the
+  // memory format closest to their strides; the kernels then index densely.
+  if (layout_of(x) != Layout::kStrided) return x;
+  return x.contiguous(x.suggest_memory_format());
+}
+
+namespace {
+
+// gx = gz * scale + x * k1 + k0, with gz = grad_out * [x*scale + shift > 0].
+// Training: ggamma = invstd * S, gbeta = G with G = sum gz, S = sum gz*(x-mean);
+//   gx = scale*(gz - G/M - xhat*ggamma/M)  =>  k1 = -scale*invstd^2*S/M,
+//   k0 = -scale*G/M - k1*mean.
+// Eval: k1 = k0 = 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
+  const char* op = "fused_preact::bn_relu_backward";
+  check_bn_input(x, op);
+  check_same_as_x(grad_out, x, "grad_out", op);
+  check_channel_vector(mean, x, "mean", op);
+  check_channel_vector(invstd, x, "invstd", op);
+  at::Tensor gamma = weight.has_value() ? *weight : at::ones_like(mean);
+  at::Tensor beta = bias.has_value() ? *bias : at::zeros_like(mean);
+  check_channel_vector(gamma, x, "weight", op);
+  check_channel_vector(beta, x, "bias", op);
+  at::Tensor scale = gamma * invstd;
+  at::Tensor shift = beta - mean * scale;
+  static auto reduce_op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("fused_preact::bn_relu_backward_reduce", "")
+                              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                        const at::Tensor&, const at::Tensor&,
+                                                                        const at::Tensor&)>();
+  static auto apply_op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_preact::bn_relu_backward_apply", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  auto [sum_gz, sum_gz_xc] = reduce_op.call(grad_out, x, mean, scale, shift);
+  at::Tensor grad_weight = sum_gz_xc * invstd;
+  at::Tensor grad_bias = sum_gz;
+  at::Tensor k1, k0;
+  if (training) {
+    const double count = static_cast<double>(x.numel() / x.size(1));
+    k1 = -scale * invstd * grad_weight / count;
+    k0 = -scale * sum_gz / count - k1 * mean;
+  } else {
+    k1 = at::zeros_like(mean);
+    k0 = at::zeros_like(mean);
+  }
+  at::Tensor grad_x = apply_op.call(grad_out, x, scale, shift, k1, k0);
+  return {grad_x, grad_weight, grad_bias};
+}
+
+// running_mean <- (1 - m) * running_mean + m * mean
+// running_var  <- (1 - m) * running_var  + m * var * M / (M - 1)   (unbiased)
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                          const at::Tensor& var, double momentum, int64_t count) {
+  const char* op = "fused_preact::update_running_stats";
+  TORCH_CHECK(count > 1, op, ": need more than one value per channel to update the running variance, got ",
+              count);
+  TORCH_CHECK(running_mean.sizes() == mean.sizes() && running_var.sizes() == var.sizes(), op,
+              ": running stats of shape ", running_mean.sizes(), " do not match batch stats of shape ",
+              mean.sizes());
+  at::NoGradGuard no_grad;
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  // Computed in the batch stats' precision (fp32), stored in the buffers' dtype.
+  running_mean.copy_(running_mean.to(mean.scalar_type()) * (1.0 - momentum) + mean * momentum);
+  running_var.copy_(running_var.to(var.scalar_type()) * (1.0 - momentum) + var * (momentum * unbias));
+}
+
+}  // namespace
+}  // namespace fused_preact
+
+TORCH_LIBRARY(fused_preact, m) {
+  // Per-channel batch mean and biased variance of x (Chan-merged partials,
+  // stable for |mean| >> std). Returns (mean, var) in fp32 (fp64 for fp64 x).
+  m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  // a = relu(x * scale + shift) [+ residual], one read of x, one write of a;
+  // the output keeps x's memory format. residual is added after the ReLU
+  // (the "ReLU before addition" placement).
+  m.def("bn_relu(Tensor x, Tensor scale, Tensor shift, Tensor? residual=None) -> Tensor");
+  // Backward of bn_relu-after-batch-norm, recomputing the ReLU mask from x.
+  m.def(
+      "bn_relu_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
+      "bool training) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // Its two passes, per device: per-channel (sum gz, sum gz*(x-mean)) ...
+  m.def(
+      "bn_relu_backward_reduce(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, Tensor shift) "
+      "-> (Tensor sum_gz, Tensor sum_gz_xc)");
+  // ... and gx = gz*scale + x*k1 + k0.
+  m.def(
+      "bn_relu_backward_apply(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor k1, Tensor k0) "
+      "-> Tensor");
+  // out = a + b and the per-channel (mean, var) of out, in one pass.
+  m.def("add_stats(Tensor a, Tensor b) -> (Tensor out, Tensor mean, Tensor var)");
+  // nn.BatchNorm2d's running-statistics update, in place. count = values per
+  // channel (N*H*W); momentum is the effective one (1/num_batches_tracked for
+  // momentum=None, computed by the caller).
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "float momentum, int count) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_preact, CompositeExplicitAutograd, m) {
+  m.impl("bn_relu_backward", &fused_preact::bn_relu_backward);
+  m.impl("update_running_stats", &fused_preact::update_running_stats);
+}

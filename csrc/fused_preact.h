@@ -1,0 +1,38 @@
+// Shared declarations of the fused_preact ops: input checks and layout
+// helpers used by the CPU (cpu/) and CUDA (cuda/) kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fused_preact {
+
+// How a 4-D tensor's elements are laid out in memory. Kernels index two dense
+// layouts: NCHW (x[n][c][hw]) and channels-last (x[m][c], m = n*H*W + hw).
+enum class Layout { kNCHW, kChannelsLast, kStrided };
+
+Layout layout_of(const at::Tensor& x);
+// x itself if dense in one of the two layouts, else a dense copy.
+at::Tensor dense(const at::Tensor& x);
+// float32 for float32/float16/bfloat16 x, float64 for float64 x.
+at::ScalarType stats_dtype(const at::Tensor& x);
+
+// Argument checks; each names the op and the argument in its message.
+void check_bn_input(const at::Tensor& x, const char* op);
+void check_channel_vector(const at::Tensor& v, const at::Tensor& x, const char* name, const char* op);
+void check_same_as_x(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op);
+
+// (count, mean, M2) partials merged with Chan's formula: stable where the
+// textbook sum(x^2) - M*mean^2 cancels catastrophically.
+struct Welford {
+  double count = 0, mean = 0, m2 = 0;
+  void merge(double n_b, double mean_b, double m2_b) {
+    if (n_b == 0) return;
+    const double n = count + n_b;
+    const double delta = mean_b - mean;
+    mean += delta * (n_b / n);
+    m2 += m2_b + delta * delta * (count * n_b / n);
+    count = n;
+  }
+};
+
+}  // namespace fused_preact

@@ -1,0 +1,122 @@
+"""Functional entry point of the fused pre-activation unit:
+``bn_relu_conv2d`` = BatchNorm2d → ReLU → Conv2d (+ residual), with
+``nn.BatchNorm2d`` semantics for batch/running statistics.
+
+``backend`` picks the implementation:
+    "torch"   plain composition of F.batch_norm, F.relu, F.conv2d (the reference)
+    "native"  the C++/CUDA ops of fused_preact._C with ATen's convolution:
+              saves only x and per-channel vectors, recomputes the activation
+    "auto"    "native" when the extension is built, else "torch"
+User errors are checked here, once, before any state changes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _extension
+
+BACKENDS = ("auto", "native", "torch")
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The concrete backend for ``x``'s device ("native" or "torch")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if _extension.load() and (x.device.type == "cpu" or
+                                  (x.device.type == "cuda" and _extension.has_cuda_kernels())):
+            return "native"
+        return "torch"
+    if backend == "native":
+        _extension.require()
+        if x.device.type == "cuda" and not _extension.has_cuda_kernels():
+            raise RuntimeError("backend='native' on a CUDA tensor, but fused_preact._C was built without its CUDA "
+                               "kernels; rebuild with nvcc available (or FORCE_CUDA=1)")
+        if x.device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"backend='native' supports CPU and CUDA tensors, got device {x.device}")
+    return backend
+
+
+def check_unit_inputs(name: str, x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor],
+                      bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      residual: Optional[Tensor], batch_stats: bool) -> None:
+    """Raises ValueError/RuntimeError naming ``name`` (the module or function)
+    and the offending argument."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D input (N, C, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point input, got {x.dtype}")
+    channels = x.shape[1]
+    if conv_weight.shape[1] != channels:
+        raise ValueError(f"{name}: input has {channels} channels but the convolution expects {conv_weight.shape[1]}")
+    for label, t in (("BN weight", bn_weight), ("BN bias", bn_bias), ("running_mean", running_mean),
+                     ("running_var", running_var)):
+        if t is not None and t.shape != (channels,):
+            raise ValueError(f"{name}: input has {channels} channels but {label} has shape {tuple(t.shape)}")
+    for label, t in (("convolution weight", conv_weight), ("BN weight", bn_weight), ("BN bias", bn_bias),
+                     ("running_mean", running_mean), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{name}: input is on {x.device} but {label} is on {t.device}")
+    if conv_weight.dtype != x.dtype and not torch.is_autocast_enabled():
+        raise RuntimeError(f"{name}: input dtype {x.dtype} does not match the convolution weight dtype "
+                           f"{conv_weight.dtype}")
+    if batch_stats and x.numel() // max(channels, 1) <= 1 and x.numel() > 0:
+        raise ValueError(f"{name}: expected more than 1 value per channel when training, got input size "
+                         f"{list(x.shape)}")
+
+
+def conv_output_shape(x: Tensor, conv_weight: Tensor, stride: int, padding: int) -> tuple[int, int, int, int]:
+    k = conv_weight.shape[-1]
+    return (x.shape[0], conv_weight.shape[0], (x.shape[2] + 2 * padding - k) // stride + 1,
+            (x.shape[3] + 2 * padding - k) // stride + 1)
+
+
+def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], *, training: bool,
+                   momentum: float = 0.1, eps: float = 1e-5, stride: int = 1, padding: int = 0,
+                   residual: Optional[Tensor] = None, backend: str = "auto", name: str = "bn_relu_conv2d") -> Tensor:
+    """y = conv2d(relu(batch_norm(x)), conv_weight) [+ residual].
+
+    Batch statistics are used when ``training`` or when there are no running
+    statistics (``nn.BatchNorm2d``'s rule); running statistics are then
+    updated in place with ``momentum`` (the caller turns momentum=None into
+    1/num_batches_tracked, as ``nn.BatchNorm2d`` does).
+    """
+    batch_stats = training or running_mean is None
+    check_unit_inputs(name, x, conv_weight, bn_weight, bn_bias, running_mean, running_var, residual, batch_stats)
+    if residual is not None and tuple(residual.shape) != conv_output_shape(x, conv_weight, stride, padding):
+        raise ValueError(f"{name}: residual has shape {tuple(residual.shape)} but the convolution output has shape "
+                         f"{conv_output_shape(x, conv_weight, stride, padding)}")
+    backend = resolve_backend(backend, x)
+    update = training and running_mean is not None
+    if backend == "torch":
+        a = F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, batch_stats, momentum, eps))
+        y = F.conv2d(a, conv_weight, None, stride, padding)
+        return y if residual is None else y + residual
+
+    from . import native  # needs the extension; resolve_backend checked it
+
+    ops = torch.ops.fused_preact
+    if torch.is_autocast_enabled(x.device.type):
+        # The unit runs in the autocast dtype like the convolution would;
+        # statistics stay fp32 inside the ops.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, conv_weight = x.to(dtype), conv_weight.to(dtype)
+        residual = None if residual is None else residual.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        if batch_stats:
+            mean, var = ops.bn_stats(x.detach())
+            if update:
+                ops.update_running_stats(running_mean, running_var, mean, var, momentum,
+                                         x.numel() // x.shape[1])
+        else:
+            mean, var = running_mean.to(native._stats_dtype(x)), running_var.to(native._stats_dtype(x))
+        invstd = torch.rsqrt(var + eps)
+        return native.bn_relu_conv2d(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride,
+                                     padding, residual)

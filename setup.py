@@ -1,0 +1,119 @@
+"""Builds ``fused_preact._C``: the C++ CPU ops always, the CUDA ops whenever
+CUDA code can be compiled (nvcc found and a CUDA build of torch), GPU or not.
+
+Install (torch first, then without build isolation so the build sees it):
+
+    pip install torch
+    pip install --no-build-isolation -e .
+
+Build variables (flash-attention / xformers style):
+
+    FORCE_CUDA=1                  build the CUDA ops or fail (no silent CPU-only build)
+    FUSED_PREACT_SKIP_CUDA=1      build the CPU ops only, even where CUDA is available
+    TORCH_CUDA_ARCH_LIST="8.0;9.0"  GPU architectures (default "8.0;9.0")
+    MAX_JOBS=N                    parallel compile jobs (ninja)
+    NVCC_THREADS=N                nvcc --threads per job (default 2)
+    FUSED_PREACT_DEBUG=1          -O0 -g, no fast math
+    FUSED_PREACT_NO_NATIVE_ARCH=1 do not tune the CPU code for the building machine (-march=native)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - what a newcomer sees without torch
+    sys.exit(
+        "fused_preact builds against the installed PyTorch: install torch first "
+        "(`pip install torch`), then `pip install --no-build-isolation -e .`"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_decision() -> tuple[bool, str]:
+    """Whether to compile the CUDA sources, and why (printed during the build)."""
+    if _flag("FUSED_PREACT_SKIP_CUDA"):
+        return False, "FUSED_PREACT_SKIP_CUDA is set"
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build (it lacks the CUDA headers)")
+    if not nvcc or not os.path.exists(nvcc):
+        problems.append("nvcc was not found (set CUDA_HOME or put nvcc on the PATH)")
+    if problems:
+        if _flag("FORCE_CUDA"):
+            sys.exit("FORCE_CUDA=1 but CUDA cannot be compiled: " + "; ".join(problems))
+        return False, "; ".join(problems)
+    return True, f"nvcc at {nvcc}, torch CUDA {torch.version.cuda}"
+
+
+def _pip_cuda_include_dirs() -> list[str]:
+    """CUDA headers shipped in pip wheels (nvidia/cu13/include, nvidia/*/include).
+
+    A pip CUDA build of torch includes cuBLAS/cuSPARSE/cuDNN headers through
+    ATen, and those live in site-packages, not in the toolkit that provides
+    nvcc: without these folders the CUDA build fails on `cusparse.h`.
+    """
+    dirs = []
+    for site in sys.path:
+        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
+            dirs += sorted(glob.glob(os.path.join(site, pattern)))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _cpu_flags() -> list[str]:
+    flags = ["-O0", "-g"] if _flag("FUSED_PREACT_DEBUG") else ["-O3"]
+    flags.append("-Wno-unknown-pragmas")  # ATen's vec headers carry CUDA-style #pragma unroll
+    # No -std flag: torch.utils.cpp_extension picks the standard the installed
+    # torch needs (C++17 up to 2.9, C++20 from 2.10).
+    # ATen's Vectorized<T> picks its AVX2 implementation only when
+    # CPU_CAPABILITY_AVX2 is defined; otherwise it falls back to plain loops.
+    # The package is built from source on the machine that runs it, so tune
+    # for that machine unless asked not to.
+    if sys.platform.startswith("linux") and not _flag("FUSED_PREACT_NO_NATIVE_ARCH"):
+        try:
+            cpuinfo = open("/proc/cpuinfo").read()
+        except OSError:
+            cpuinfo = ""
+        if " avx2 " in cpuinfo and " fma " in cpuinfo:
+            flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return flags
+
+
+def _extension():
+    with_cuda, reason = _cuda_decision()
+    print(f"fused_preact: CUDA ops {'ON' if with_cuda else 'OFF'} ({reason})", flush=True)
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = _cpu_flags()
+    if not with_cuda:
+        return CppExtension("fused_preact._C", sources, extra_compile_args={"cxx": cxx})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    nvcc = ["-O3" if not _flag("FUSED_PREACT_DEBUG") else "-O0", "-lineinfo",
+            f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    return CUDAExtension(
+        "fused_preact._C",
+        sources,
+        include_dirs=_pip_cuda_include_dirs(),
+        define_macros=[("FUSED_PREACT_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    )
+
+
+setup(
+    packages=find_packages(include=["fused_preact", "fused_preact.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
