@@ -26,6 +26,28 @@ import sys
 
 from setuptools import find_packages, setup
 
+
+def _find_cuda_home() -> None:
+    """Points CUDA_HOME at the real toolkit when it is unset.
+
+    torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a
+    wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc calling
+    /usr/local/cuda-13.0/bin/nvcc): the link then misses libcudart.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+                os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_find_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -77,6 +77,34 @@ def conv_output_shape(x: Tensor, conv_weight: Tensor, stride: int, padding: int)
             (x.shape[3] + 2 * padding - k) // stride + 1)
 
 
+def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], *, training: bool,
+                     momentum: float, eps: float) -> tuple[Tensor, Tensor, bool]:
+    """Native path: (mean, invstd, uses_batch_stats) for the BN in front of a
+    unit, updating the running statistics in place when training. One pass
+    over x; the result can feed several units that share the pre-activation
+    (a projection shortcut and the first conv)."""
+    from . import native
+
+    ops = torch.ops.fused_preact
+    batch_stats = training or running_mean is None
+    if batch_stats:
+        mean, var = ops.bn_stats(x.detach())
+        if training and running_mean is not None:
+            ops.update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
+    else:
+        mean, var = running_mean.to(native._stats_dtype(x)), running_var.to(native._stats_dtype(x))
+    return mean, torch.rsqrt(var + eps), batch_stats
+
+
+def autocast_inputs(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """Under autocast the unit runs in the autocast dtype, as the convolution
+    would; statistics stay fp32 inside the ops."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(None if t is None else t.to(dtype) for t in (x, *tensors))
+
+
 def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], *, training: bool,
                    momentum: float = 0.1, eps: float = 1e-5, stride: int = 1, padding: int = 0,
@@ -94,7 +122,6 @@ def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], 
         raise ValueError(f"{name}: residual has shape {tuple(residual.shape)} but the convolution output has shape "
                          f"{conv_output_shape(x, conv_weight, stride, padding)}")
     backend = resolve_backend(backend, x)
-    update = training and running_mean is not None
     if backend == "torch":
         a = F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, batch_stats, momentum, eps))
         y = F.conv2d(a, conv_weight, None, stride, padding)
@@ -102,21 +129,9 @@ def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], 
 
     from . import native  # needs the extension; resolve_backend checked it
 
-    ops = torch.ops.fused_preact
-    if torch.is_autocast_enabled(x.device.type):
-        # The unit runs in the autocast dtype like the convolution would;
-        # statistics stay fp32 inside the ops.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, conv_weight = x.to(dtype), conv_weight.to(dtype)
-        residual = None if residual is None else residual.to(dtype)
+    x, conv_weight, residual = autocast_inputs(x, conv_weight, residual)
     with torch.autocast(x.device.type, enabled=False):
-        if batch_stats:
-            mean, var = ops.bn_stats(x.detach())
-            if update:
-                ops.update_running_stats(running_mean, running_var, mean, var, momentum,
-                                         x.numel() // x.shape[1])
-        else:
-            mean, var = running_mean.to(native._stats_dtype(x)), running_var.to(native._stats_dtype(x))
-        invstd = torch.rsqrt(var + eps)
+        mean, invstd, batch_stats = batch_norm_stats(x, running_mean, running_var, training=training,
+                                                     momentum=momentum, eps=eps)
         return native.bn_relu_conv2d(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride,
                                      padding, residual)
