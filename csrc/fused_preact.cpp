@@ -96,7 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
   at::Tensor grad_bias = sum_gz;
   at::Tensor k1, k0;
   if (training) {
-    const double count = static_cast<double>(x.numel() / x.size(1));
+    // SymInt arithmetic keeps this composite traceable with dynamic shapes.
+    const c10::Scalar count(x.sym_numel() / x.sym_size(1));
     k1 = -scale * invstd * grad_weight / count;
     k0 = -scale * sum_gz / count - k1 * mean;
   } else {
