@@ -40,8 +40,10 @@ def _running(bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], Optional[Tensor]]:
 def _unit(name: str, bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: str,
           residual: Optional[Tensor] = None) -> Tensor:
     running_mean, running_var = _running(bn)
+    # Every check that can fail runs before _bn_momentum counts the batch.
     functional.check_unit_inputs(name, x, conv.weight, bn.weight, bn.bias, running_mean, running_var, residual,
                                  bn.training or running_mean is None)
+    resolve_backend(backend, x)
     return bn_relu_conv2d(x, conv.weight, bn.weight, bn.bias, running_mean, running_var, training=bn.training,
                           momentum=_bn_momentum(bn), eps=bn.eps, stride=conv.stride[0], padding=conv.padding[0],
                           residual=residual, backend=backend, name=name)
