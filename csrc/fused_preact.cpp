@@ -42,6 +42,19 @@ void check_same_as_x(const at::Tensor& t, const at::Tensor& x, const char* name,
               " but x has ", x.scalar_type());
 }
 
+void check_channel_vectors(const at::Tensor& x,
+                           std::initializer_list<std::pair<const at::Tensor*, const char*>> vectors, const char* op) {
+  for (const auto& [v, name] : vectors) check_channel_vector(*v, x, name, op);
+}
+
+std::pair<at::Tensor, at::Tensor> checked_dense_pair(const at::Tensor& x_in, const at::Tensor& other,
+                                                     const char* other_name, const char* op) {
+  check_bn_input(x_in, op);
+  check_same_as_x(other, x_in, other_name, op);
+  at::Tensor x = dense(x_in);
+  return {x, other.contiguous(x.suggest_memory_format())};
+}
+
 at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+#include <utility>
+
 namespace fused_preact {
 
 // How a 4-D tensor's elements are laid out in memory. Kernels index two dense
@@ -20,6 +23,14 @@ at::ScalarType stats_dtype(const at::Tensor& x);
 void check_bn_input(const at::Tensor& x, const char* op);
 void check_channel_vector(const at::Tensor& v, const at::Tensor& x, const char* name, const char* op);
 void check_same_as_x(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op);
+void check_channel_vectors(const at::Tensor& x,
+                           std::initializer_list<std::pair<const at::Tensor*, const char*>> vectors, const char* op);
+// Checks x and `other` (x's shape, device and dtype) and returns both dense,
+// `other` in x's memory format: the entry of every two-tensor op. Callers
+// std::tie the result: C++17 (torch <= 2.9) lambdas cannot capture
+// structured bindings, and the dispatch lambdas capture these tensors.
+std::pair<at::Tensor, at::Tensor> checked_dense_pair(const at::Tensor& x, const at::Tensor& other,
+                                                     const char* other_name, const char* op);
 
 // (count, mean, M2) partials merged with Chan's formula: stable where the
 // textbook sum(x^2) - M*mean^2 cancels catastrophically.

@@ -213,10 +213,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_stats_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const char* op = "fused_preact::add_stats";
-  check_bn_input(a_in, op);
-  check_same_as_x(b_in, a_in, "b", op);
-  at::Tensor a = dense(a_in);
-  at::Tensor b = b_in.contiguous(a.suggest_memory_format());
+  at::Tensor a, b;
+  std::tie(a, b) = checked_dense_pair(a_in, b_in, "b", op);
   at::Tensor out = at::empty_like(a);
   at::Tensor mean = at::empty({a.size(1)}, a.options().dtype(stats_dtype(a)));
   at::Tensor var = at::empty_like(mean);
@@ -288,8 +286,7 @@ at::Tensor bn_relu_cpu(const at::Tensor& x_in, const at::Tensor& scale, const at
                        const std::optional<at::Tensor>& residual_in) {
   const char* op = "fused_preact::bn_relu";
   check_bn_input(x_in, op);
-  check_channel_vector(scale, x_in, "scale", op);
-  check_channel_vector(shift, x_in, "shift", op);
+  check_channel_vectors(x_in, {{&scale, "scale"}, {&shift, "shift"}}, op);
   at::Tensor x = dense(x_in);
   at::Tensor residual;
   if (residual_in.has_value()) {
@@ -351,12 +348,9 @@ struct BnReluBackwardApply {
 at::Tensor bn_relu_backward_apply_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& scale,
                                       const at::Tensor& shift, const at::Tensor& k1, const at::Tensor& k0) {
   const char* op = "fused_preact::bn_relu_backward_apply";
-  check_bn_input(x_in, op);
-  check_same_as_x(grad_out_in, x_in, "grad_out", op);
-  for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&k1, "k1"}, {&k0, "k0"}})
-    check_channel_vector(*t, x_in, name, op);
-  at::Tensor x = dense(x_in);
-  at::Tensor grad_out = grad_out_in.contiguous(x.suggest_memory_format());
+  at::Tensor x, grad_out;
+  std::tie(x, grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", op);
+  check_channel_vectors(x, {{&scale, "scale"}, {&shift, "shift"}, {&k1, "k1"}, {&k0, "k0"}}, op);
   at::Tensor grad_x = at::empty_like(x);
   if (x.numel() == 0) return grad_x;
   at::Tensor s = scale.contiguous(), b = shift.contiguous(), a1 = k1.contiguous(), a0 = k0.contiguous();
@@ -430,13 +424,9 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(const at::Tensor&
                                                                const at::Tensor& mean, const at::Tensor& scale,
                                                                const at::Tensor& shift) {
   const char* op = "fused_preact::bn_relu_backward_reduce";
-  check_bn_input(x_in, op);
-  check_same_as_x(grad_out_in, x_in, "grad_out", op);
-  check_channel_vector(mean, x_in, "mean", op);
-  check_channel_vector(scale, x_in, "scale", op);
-  check_channel_vector(shift, x_in, "shift", op);
-  at::Tensor x = dense(x_in);
-  at::Tensor grad_out = grad_out_in.contiguous(x.suggest_memory_format());
+  at::Tensor x, grad_out;
+  std::tie(x, grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", op);
+  check_channel_vectors(x, {{&mean, "mean"}, {&scale, "scale"}, {&shift, "shift"}}, op);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   at::Tensor sum_gz = at::zeros({C}, mean.options());
   at::Tensor sum_gz_xc = at::zeros({C}, mean.options());

@@ -251,11 +251,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x_in) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_stats_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
   const char* op = "fused_preact::add_stats";
-  check_bn_input(a_in, op);
-  check_same_as_x(b_in, a_in, "b", op);
   c10::cuda::CUDAGuard guard(a_in.device());
-  at::Tensor a = dense(a_in);
-  at::Tensor b = b_in.contiguous(a.suggest_memory_format());
+  at::Tensor a, b;
+  std::tie(a, b) = checked_dense_pair(a_in, b_in, "b", op);
   at::Tensor out = at::empty_like(a);
   at::Tensor mean = at::empty({a.size(1)}, a.options().dtype(stats_dtype(a)));
   at::Tensor var = at::empty_like(mean);
@@ -270,14 +268,10 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(const at::Tensor
                                                                 const at::Tensor& mean, const at::Tensor& scale,
                                                                 const at::Tensor& shift) {
   const char* op = "fused_preact::bn_relu_backward_reduce";
-  check_bn_input(x_in, op);
-  check_same_as_x(grad_out_in, x_in, "grad_out", op);
-  check_channel_vector(mean, x_in, "mean", op);
-  check_channel_vector(scale, x_in, "scale", op);
-  check_channel_vector(shift, x_in, "shift", op);
+  at::Tensor x, grad_out;
+  std::tie(x, grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", op);
+  check_channel_vectors(x, {{&mean, "mean"}, {&scale, "scale"}, {&shift, "shift"}}, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor x = dense(x_in);
-  at::Tensor grad_out = grad_out_in.contiguous(x.suggest_memory_format());
   const int64_t C = x.size(1);
   at::Tensor sum_gz = at::zeros({C}, mean.options());
   at::Tensor sum_gz_xc = at::zeros({C}, mean.options());
@@ -424,8 +418,7 @@ at::Tensor bn_relu_cuda(const at::Tensor& x_in, const at::Tensor& scale, const a
                         const std::optional<at::Tensor>& residual_in) {
   const char* op = "fused_preact::bn_relu";
   check_bn_input(x_in, op);
-  check_channel_vector(scale, x_in, "scale", op);
-  check_channel_vector(shift, x_in, "shift", op);
+  check_channel_vectors(x_in, {{&scale, "scale"}, {&shift, "shift"}}, op);
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = dense(x_in);
   at::Tensor residual;
@@ -458,13 +451,10 @@ at::Tensor bn_relu_cuda(const at::Tensor& x_in, const at::Tensor& scale, const a
 at::Tensor bn_relu_backward_apply_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& scale,
                                        const at::Tensor& shift, const at::Tensor& k1, const at::Tensor& k0) {
   const char* op = "fused_preact::bn_relu_backward_apply";
-  check_bn_input(x_in, op);
-  check_same_as_x(grad_out_in, x_in, "grad_out", op);
-  for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&k1, "k1"}, {&k0, "k0"}})
-    check_channel_vector(*t, x_in, name, op);
+  at::Tensor x, grad_out;
+  std::tie(x, grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", op);
+  check_channel_vectors(x, {{&scale, "scale"}, {&shift, "shift"}, {&k1, "k1"}, {&k0, "k0"}}, op);
   c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor x = dense(x_in);
-  at::Tensor grad_out = grad_out_in.contiguous(x.suggest_memory_format());
   at::Tensor grad_x = at::empty_like(x);
   if (x.numel() == 0) return grad_x;
   at::Tensor s = scale.contiguous(), b = shift.contiguous(), a1 = k1.contiguous(), a0 = k0.contiguous();
