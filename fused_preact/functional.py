@@ -6,12 +6,17 @@
     "torch"   plain composition of F.batch_norm, F.relu, F.conv2d (the reference)
     "native"  the C++/CUDA ops of fused_preact._C with ATen's convolution:
               saves only x and per-channel vectors, recomputes the activation
-    "auto"    "native" when the extension is built, else "torch"
+    "triton"  the Triton implicit-GEMM kernels (BN+ReLU prologue, residual and
+              statistics epilogue): CUDA tensors, or CPU tensors under
+              TRITON_INTERPRET=1
+    "auto"    CPU: "native" when the extension is built, else "torch";
+              CUDA: "triton" when Triton is installed, else "native", else "torch"
 User errors are checked here, once, before any state changes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -20,18 +25,31 @@ from torch import Tensor
 
 from . import _extension
 
-BACKENDS = ("auto", "native", "torch")
+BACKENDS = ("auto", "native", "triton", "torch")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
-    """The concrete backend for ``x``'s device ("native" or "torch")."""
+    """The concrete backend for ``x``'s device ("native", "triton" or "torch")."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if x.device.type == "cuda" and triton_available():
+            return "triton"
         if _extension.load() and (x.device.type == "cpu" or
                                   (x.device.type == "cuda" and _extension.has_cuda_kernels())):
             return "native"
         return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        from . import triton_launch
+
+        triton_launch.check_device(x)
+        return backend
     if backend == "native":
         _extension.require()
         if x.device.type == "cuda" and not _extension.has_cuda_kernels():
@@ -77,23 +95,70 @@ def conv_output_shape(x: Tensor, conv_weight: Tensor, stride: int, padding: int)
             (x.shape[3] + 2 * padding - k) // stride + 1)
 
 
+def scale_shift(mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]):
+    """Per-channel fp32 scale = gamma*invstd and shift = beta - mean*scale."""
+    scale = invstd if bn_weight is None else bn_weight.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(invstd.dtype)
+    return scale, shift
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float,
+                         count: int) -> None:
+    """nn.BatchNorm2d's update: biased batch variance in, unbiased running variance."""
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
 def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], *, training: bool,
-                     momentum: float, eps: float) -> tuple[Tensor, Tensor, bool]:
-    """Native path: (mean, invstd, uses_batch_stats) for the BN in front of a
+                     momentum: float, eps: float, backend: str = "native",
+                     batch: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, bool]:
+    """Fused paths: (mean, invstd, uses_batch_stats) for the BN in front of a
     unit, updating the running statistics in place when training. One pass
-    over x; the result can feed several units that share the pre-activation
-    (a projection shortcut and the first conv)."""
+    over x (none when ``batch`` = (mean, biased var) comes from the producer's
+    epilogue); the result can feed several units that share the
+    pre-activation (a projection shortcut and the first conv)."""
+    batch_stats = training or running_mean is None
+    count = x.numel() // x.shape[1]
+    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if batch_stats:
+        if batch is not None:
+            mean, var = batch
+        elif backend == "triton":
+            from . import triton_ops
+
+            mean, var = triton_ops.bn_stats(x.detach())
+        else:
+            mean, var = torch.ops.fused_preact.bn_stats(x.detach())
+        if training and running_mean is not None:
+            if backend == "triton":
+                update_running_stats(running_mean, running_var, mean, var, momentum, count)
+            else:
+                torch.ops.fused_preact.update_running_stats(running_mean, running_var, mean, var, momentum, count)
+    else:
+        mean, var = running_mean.to(sdt), running_var.to(sdt)
+    return mean, torch.rsqrt(var + eps), batch_stats
+
+
+def fused_unit(x: Tensor, conv_weight: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+               bn_bias: Optional[Tensor], batch_stats: bool, stride: int, padding: int, residual: Optional[Tensor],
+               backend: str, emit_stats: bool = False) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+    """One unit on a fused backend given its BN statistics: (y, (mean, biased
+    var) of y or None). Only "triton" emits the statistics (from the conv
+    epilogue); elsewhere the next unit computes them."""
+    if backend == "triton":
+        from . import triton_ops
+
+        y, y_mean, y_var = triton_ops.bn_relu_conv2d(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats,
+                                                     stride, padding, residual, emit_stats)
+        return y, ((y_mean, y_var) if emit_stats else None)
     from . import native
 
-    ops = torch.ops.fused_preact
-    batch_stats = training or running_mean is None
-    if batch_stats:
-        mean, var = ops.bn_stats(x.detach())
-        if training and running_mean is not None:
-            ops.update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
-    else:
-        mean, var = running_mean.to(native._stats_dtype(x)), running_var.to(native._stats_dtype(x))
-    return mean, torch.rsqrt(var + eps), batch_stats
+    return native.bn_relu_conv2d(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride, padding,
+                                 residual), None
 
 
 def autocast_inputs(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
@@ -127,11 +192,9 @@ def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], 
         y = F.conv2d(a, conv_weight, None, stride, padding)
         return y if residual is None else y + residual
 
-    from . import native  # needs the extension; resolve_backend checked it
-
     x, conv_weight, residual = autocast_inputs(x, conv_weight, residual)
     with torch.autocast(x.device.type, enabled=False):
         mean, invstd, batch_stats = batch_norm_stats(x, running_mean, running_var, training=training,
-                                                     momentum=momentum, eps=eps)
-        return native.bn_relu_conv2d(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride,
-                                     padding, residual)
+                                                     momentum=momentum, eps=eps, backend=backend)
+        return fused_unit(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride, padding, residual,
+                          backend)[0]

@@ -38,15 +38,29 @@ def _running(bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], Optional[Tensor]]:
 
 
 def _unit(name: str, bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: str,
-          residual: Optional[Tensor] = None) -> Tensor:
+          residual: Optional[Tensor] = None, batch: Optional[tuple[Tensor, Tensor]] = None,
+          emit_stats: bool = False) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+    """One unit on a concrete backend: (y, (mean, biased var) of y or None).
+    ``batch``: x's batch statistics from the producer's epilogue, if any."""
     running_mean, running_var = _running(bn)
     # Every check that can fail runs before _bn_momentum counts the batch.
     functional.check_unit_inputs(name, x, conv.weight, bn.weight, bn.bias, running_mean, running_var, residual,
                                  bn.training or running_mean is None)
-    resolve_backend(backend, x)
-    return bn_relu_conv2d(x, conv.weight, bn.weight, bn.bias, running_mean, running_var, training=bn.training,
-                          momentum=_bn_momentum(bn), eps=bn.eps, stride=conv.stride[0], padding=conv.padding[0],
-                          residual=residual, backend=backend, name=name)
+    if residual is not None and tuple(residual.shape) != functional.conv_output_shape(
+            x, conv.weight, conv.stride[0], conv.padding[0]):
+        raise ValueError(f"{name}: residual has shape {tuple(residual.shape)}, the convolution output has shape "
+                         f"{functional.conv_output_shape(x, conv.weight, conv.stride[0], conv.padding[0])}")
+    if backend == "torch":
+        return bn_relu_conv2d(x, conv.weight, bn.weight, bn.bias, running_mean, running_var,
+                              training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps, stride=conv.stride[0],
+                              padding=conv.padding[0], residual=residual, backend="torch", name=name), None
+    x, weight, residual = functional.autocast_inputs(x, conv.weight, residual)
+    with torch.autocast(x.device.type, enabled=False):
+        mean, invstd, batch_stats = functional.batch_norm_stats(
+            x, running_mean, running_var, training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps,
+            backend=backend, batch=batch)
+        return functional.fused_unit(x, weight, mean, invstd, bn.weight, bn.bias, batch_stats, conv.stride[0],
+                                     conv.padding[0], residual, backend, emit_stats)
 
 
 def unit_decline_reason(bn: nn.Module, conv: nn.Module) -> Optional[str]:
@@ -84,7 +98,7 @@ class FusedBNReLUConv2d(nn.Module):
             raise ValueError(f"FusedBNReLUConv2d: {reason}")
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return _unit(type(self).__name__, self.bn, self.conv, x, self.backend, residual)
+        return _unit(type(self).__name__, self.bn, self.conv, x, resolve_backend(self.backend, x), residual)[0]
 
 
 def _retype(module: nn.Module, cls: type, **attributes) -> nn.Module:
@@ -110,23 +124,25 @@ class _FusedPreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         name = type(self).__name__
-        if resolve_backend(self.backend, x) == "torch":
+        backend = resolve_backend(self.backend, x)
+        if backend == "torch":
             return self._forward_torch(x)
+        # Statistics flow: on Triton each conv's epilogue emits the batch
+        # statistics of its output, so the next BN needs no pass of its own.
         pairs = self._pairs()
+        emit = backend == "triton" and any(bn.training or not bn.track_running_stats for bn, _ in pairs[1:])
         if hasattr(self, "shortcut"):
-            out, shortcut = self._first_unit_and_projection(name, x)
+            out, stats, shortcut = self._first_unit_and_projection(name, x, backend, emit)
         else:
-            out, shortcut = _unit(name, *pairs[0], x, self.backend), x
+            (out, stats), shortcut = _unit(name, *pairs[0], x, backend, emit_stats=emit), x
         for bn, conv in pairs[1:-1]:
-            out = _unit(name, bn, conv, out, self.backend)
+            out, stats = _unit(name, bn, conv, out, backend, batch=stats, emit_stats=emit)
         bn, conv = pairs[-1]
-        return _unit(name, bn, conv, out, self.backend, residual=shortcut)
+        return _unit(name, bn, conv, out, backend, residual=shortcut, batch=stats)[0]
 
-    def _first_unit_and_projection(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _first_unit_and_projection(self, name: str, x: Tensor, backend: str, emit: bool):
         """Unit 1 and the projection read the same pre-activation relu(bn1(x)):
         one statistics pass and one running-stat update feed both convs."""
-        from . import native
-
         bn1, conv1 = self._pairs()[0]
         running_mean, running_var = _running(bn1)
         batch_stats = bn1.training or running_mean is None
@@ -136,12 +152,13 @@ class _FusedPreActBlock(nn.Module):
         x, w1, ws = functional.autocast_inputs(x, conv1.weight, self.shortcut.weight)
         with torch.autocast(x.device.type, enabled=False):
             mean, invstd, batch_stats = functional.batch_norm_stats(
-                x, running_mean, running_var, training=bn1.training, momentum=_bn_momentum(bn1), eps=bn1.eps)
-            out = native.bn_relu_conv2d(x, w1, mean, invstd, bn1.weight, bn1.bias, batch_stats, conv1.stride[0],
-                                        conv1.padding[0], None)
-            shortcut = native.bn_relu_conv2d(x, ws, mean, invstd, bn1.weight, bn1.bias, batch_stats,
-                                             self.shortcut.stride[0], 0, None)
-        return out, shortcut
+                x, running_mean, running_var, training=bn1.training, momentum=_bn_momentum(bn1), eps=bn1.eps,
+                backend=backend)
+            out, stats = functional.fused_unit(x, w1, mean, invstd, bn1.weight, bn1.bias, batch_stats,
+                                               conv1.stride[0], conv1.padding[0], None, backend, emit)
+            shortcut, _ = functional.fused_unit(x, ws, mean, invstd, bn1.weight, bn1.bias, batch_stats,
+                                                self.shortcut.stride[0], 0, None, backend)
+        return out, stats, shortcut
 
     def _forward_torch(self, x: Tensor) -> Tensor:
         return reference._PreActBlockBase.forward(self, x)  # type: ignore[arg-type]

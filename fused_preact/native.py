@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
+from .functional import scale_shift
 
 _extension.require()
 ops = torch.ops.fused_preact
@@ -163,15 +164,6 @@ def _bn_relu_conv2d_fake(x, weight, mean, invstd, bn_weight, bn_bias, training, 
     wo = (w + 2 * padding - k) // stride + 1
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=fmt)
-
-
-def scale_shift(mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]):
-    """Per-channel fp32 scale = gamma*invstd and shift = beta - mean*scale."""
-    scale = invstd if bn_weight is None else bn_weight.to(invstd.dtype) * invstd
-    shift = -mean * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias.to(invstd.dtype)
-    return scale, shift
 
 
 def _unit_setup_context(ctx, inputs, output):

@@ -1,8 +1,16 @@
 """Shared test helpers: the tolerance table (one place, per dtype) and the
 reference unit."""
 
-import pytest
-import torch
+import os
+import shutil
+
+# The Triton kernels run on CPU tensors only under the interpreter, which must
+# be chosen before Triton is imported. With a GPU they run compiled on CUDA.
+if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # (rtol, atol) for comparing a fused result with the reference computed in the
 # same dtype. float64 is tight enough to catch any formula error; float32

@@ -1,0 +1,223 @@
+"""Ahead-of-time compile of every Triton kernel for real GPUs, without a GPU.
+
+    python -m fused_preact.triton_aot [--arch 80 90] [--dtype bfloat16 ...] [--all-configs] [--json FILE]
+
+Each kernel is compiled with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))`` for every constexpr variant the
+launchers use and every autotuning config they can launch with (``--all-configs``;
+otherwise the configs the ResNet-164/ResNet-v2-50 channel counts pick), and
+reports registers, spilled bytes (local memory, from the ``cuobjdump`` shipped
+with Triton) and shared memory per config, and whether the GEMMs use ``wgmma``
+(sm_90). Exit status 1 when a compile fails, a default config spills on sm_90,
+or a fp16/bf16 GEMM has no wgmma on sm_90.
+
+Must run with TRITON_INTERPRET unset (the kernels must be JIT functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+_TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+# Channel counts of the paper's CIFAR ResNet-164 and of ResNet-v2-50 units:
+# they decide the tile widths the launchers pick.
+MODEL_CHANNELS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    arch: int
+    dtype: str
+    variant: str
+    config: str
+    default: bool
+    registers: int = -1
+    spill_bytes: int = -1
+    shared_bytes: int = -1
+    wgmma: bool = False
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _signature(fn, dtype: str, constexprs: dict) -> dict:
+    stats = "fp64" if dtype == "fp64" else "fp32"
+    data_ptrs = {"x_ptr", "w_ptr", "res_ptr", "y_ptr", "gy_ptr", "gz_ptr", "gx_ptr"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + (dtype if name in data_ptrs else stats)
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _resources(cubin: bytes, tool: str) -> tuple[int, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    reg = re.search(r"REG:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    return int(reg.group(1)) if reg else -1, int(local.group(1)) if local else -1
+
+
+def _variants(kernel: str, dtype: str):
+    """(variant label, constexprs without the block config) the launchers use."""
+    import triton.language as tl
+
+    dtype = _TYPE.get(dtype, dtype)
+    dot = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}[dtype]
+    common = {"IS_FP64": dtype == "fp64", "DOT_DTYPE": dot, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+    for k, s in ((3, 1), (3, 2), (1, 1), (1, 2)):
+        geometry = {"STRIDE": s, "PAD": k // 2, "KH": k, "KW": k}
+        if kernel == "conv_fwd_kernel":
+            for res, emit in itertools.product((False, True), repeat=2):
+                yield (f"{k}x{k}/s{s}{'+res' if res else ''}{'+stats' if emit else ''}",
+                       {**geometry, **common, "HAS_RESIDUAL": res, "EMIT_STATS": emit})
+        else:
+            yield f"{k}x{k}/s{s}", {**geometry, **common}
+
+
+def _configs(kernel: str, all_configs: bool):
+    """(config, default?) pairs: every config the launcher can pick, or only
+    those the model channel counts pick."""
+    from . import triton_launch as L
+
+    counts = (16, 32, 64, 128) if all_configs else MODEL_CHANNELS
+    seen, defaults = {}, set()
+    for cols, red in itertools.product(counts, repeat=2):
+        configs = (L._wgrad_configs(cols, red) if kernel == "conv_wgrad_kernel"
+                   else L._gemm_configs(L.ROWS_GPU, cols, red))
+        for cfg in configs:
+            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+            seen.setdefault(key, cfg)
+            if cols in MODEL_CHANNELS and red in MODEL_CHANNELS:
+                defaults.add(key)
+    for key, cfg in seen.items():
+        yield cfg, key in defaults
+
+
+def _small_kernels(dtype: str):
+    """The reductions and the elementwise kernel, at their launch configs."""
+    fp64 = dtype == "fp64"
+    for bc in (16, 32, 64):
+        yield "channel_stats_partial_kernel", "", {"BLOCK_M": 256, "BLOCK_C": bc, "IS_FP64": fp64}, 4
+        yield "merge_stats_kernel", "", {"BLOCK_T": 64, "BLOCK_C": bc, "IS_FP64": fp64}, 4
+        for training in (False, True):
+            yield ("bn_grad_input_kernel", "train" if training else "eval",
+                   {"TRAINING": training, "IS_FP64": fp64, "BLOCK_M": 128, "BLOCK_C": bc}, 4)
+
+
+def compile_all(archs, dtypes, all_configs: bool, progress=True) -> list[Compiled]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import triton_kernels as K
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    jobs = []
+    for dtype in dtypes:
+        for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"):
+            configs = list(_configs(kernel, all_configs))
+            for variant, constexprs in _variants(kernel, dtype):
+                for cfg, default in configs:
+                    jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,
+                                 cfg.num_stages, default))
+        for kernel, variant, constexprs, warps in _small_kernels(dtype):
+            jobs.append((kernel, dtype, variant, constexprs, warps, 3, True))
+    results = []
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs) * len(archs), desc="AOT compile", disable=not progress)
+    except ImportError:  # progress is a nicety; tqdm is optional
+        bar = None
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for kernel, dtype, variant, constexprs, warps, stages, default in jobs:
+            fn = getattr(K, kernel)
+            cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP")))
+            cfg_label += f",warps={warps},stages={stages}"
+            rec = Compiled(kernel, arch, dtype, variant, cfg_label, default)
+            t0 = time.time()
+            try:
+                src = ASTSource(fn=fn, signature=_signature(fn, _TYPE.get(dtype, dtype), constexprs),
+                                constexprs=constexprs)
+                compiled = triton.compile(src, target=target,
+                                          options={"num_warps": warps, "num_stages": stages})
+                rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"], tool)
+                rec.shared_bytes = int(compiled.metadata.shared)
+                rec.wgmma = "wgmma" in compiled.asm.get("ptx", "")
+            except Exception as exc:  # noqa: BLE001  (reported, and the exit status says so)
+                rec.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            rec.seconds = time.time() - t0
+            results.append(rec)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def problems(results: list[Compiled]) -> list[str]:
+    out = []
+    for r in results:
+        where = f"{r.kernel} {r.dtype} {r.variant} [{r.config}] sm_{r.arch}"
+        if r.error:
+            out.append(f"compile failed: {where}: {r.error}")
+        elif r.arch >= 90 and r.default and r.spill_bytes > 0:
+            out.append(f"default config spills {r.spill_bytes} bytes: {where}")
+        elif (r.arch == 90 and r.dtype in ("float16", "bfloat16") and r.kernel != "conv_wgrad_kernel"
+              and r.kernel.startswith("conv_") and not r.wgmma):
+            out.append(f"no wgmma: {where}")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32"], choices=list(_TYPE))
+    parser.add_argument("--all-configs", action="store_true",
+                        help="every config the launchers can pick (default: those the model shapes pick)")
+    parser.add_argument("--json", help="write every record here")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: ahead-of-time compile needs JIT kernels", file=sys.stderr)
+        return 2
+    results = compile_all(args.arch, args.dtype, args.all_configs, progress=not args.no_progress)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    # Compact summary: per kernel/arch/dtype, the worst registers/spills/shared.
+    print(f"{'kernel':30} {'arch':>4} {'dtype':>9} {'n':>4} {'max REG':>7} {'spilling':>8} "
+          f"{'max smem':>8} {'wgmma':>6} {'s':>6}")
+    key = lambda r: (r.kernel, r.arch, r.dtype)  # noqa: E731
+    for (kernel, arch, dtype), group in itertools.groupby(sorted(results, key=key), key=key):
+        group = [r for r in group if not r.error]
+        if not group:
+            continue
+        print(f"{kernel:30} {arch:>4} {dtype:>9} {len(group):>4} {max(r.registers for r in group):>7} "
+              f"{sum(r.spill_bytes > 0 for r in group):>8} {max(r.shared_bytes for r in group):>8} "
+              f"{sum(r.wgmma for r in group):>6} {sum(r.seconds for r in group):>6.1f}")
+    bad = problems(results)
+    for line in bad:
+        print("PROBLEM:", line)
+    print(f"{len(results)} compiles, {len(bad)} problem(s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Triton kernels of the fused pre-activation unit (implicit GEMM, any strides).
+
+Layers (STYLE.md): these ``@triton.jit`` kernels → the launchers in
+``triton_launch.py`` → the ops in ``triton_ops.py`` → ``functional`` → modules.
+
+Tensors are addressed through their four strides (n, c, h, w), so NCHW and
+channels_last inputs are both read in place; channels_last is the fast one
+(the channel axis, which the GEMMs tile, is contiguous there). Rows of every
+GEMM are pixels m = (n, h, w) of the output (forward, wgrad) or of the input
+(dgrad); offsets are int64 because N*C*H*W can pass 2**31.
+
+Kernels:
+  channel_stats_partial   per (row tile, channel): mean and M2 of x
+  merge_stats             Chan's merge of those partials -> mean, biased var
+  conv_fwd                y = conv(relu(x*scale + shift)) [+ residual],
+                          optional per-tile mean/M2 partials of the written y
+  conv_dgrad              ga = conv_transpose(gy, W); epilogue recomputes the
+                          ReLU mask from x, writes gz, and per-tile partial
+                          sums of gz and gz*xhat
+  bn_grad_input           gx = gz*scale + x*k1 + k0   (BN backward, one pass)
+  conv_wgrad              split-K partials of gW = a^T gy, a recomputed from x
+
+Padding taps read zero from the *activated* tensor: the prologue masks the
+activated tile, so relu(shift) never leaks into the border (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows_to_nhw(offs_m, HW, W):
+    n = offs_m // HW
+    rem = offs_m - n * HW
+    h = rem // W
+    return n.to(tl.int64), h, rem - h * W
+
+
+@triton.jit
+def channel_stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, M, C, HW, W, sxn, sxc, sxh, sxw,
+                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
+    """Tile (BLOCK_M pixels x BLOCK_C channels): its per-channel mean and sum of
+    squared deviations, written at row pid_m of the [tiles, C] partials."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    n, h, w = _rows_to_nhw(offs_m, HW, W)
+    ptrs = x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c.to(tl.int64)[None, :] * sxc
+    mask = mask_m[:, None] & mask_c[None, :]
+    if IS_FP64:
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
+    mean = tl.sum(v, axis=0) / count
+    d = tl.where(mask, v - mean[None, :], 0.0)
+    m2 = tl.sum(d * d, axis=0)
+    tl.store(mean_ptr + pid_m * C + offs_c, mean, mask=mask_c)
+    tl.store(m2_ptr + pid_m * C + offs_c, m2, mask=mask_c)
+
+
+@triton.jit
+def merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, TILES, ROWS_PER_TILE,
+                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
+    """Chan et al.'s parallel merge of per-tile (count, mean, M2): a chunk of
+    BLOCK_T tiles is merged around its own mean, then into the running total.
+    Never forms sum(x^2) - M*mean^2, so |mean| >> std loses nothing."""
+    pid_c = tl.program_id(0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    if IS_FP64:
+        acc_dtype = tl.float64
+    else:
+        acc_dtype = tl.float32
+    total = tl.zeros((BLOCK_C,), dtype=acc_dtype)
+    mean = tl.zeros((BLOCK_C,), dtype=acc_dtype)
+    m2 = tl.zeros((BLOCK_C,), dtype=acc_dtype)
+    for t0 in range(0, TILES, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < TILES
+        cnt = tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(acc_dtype)
+        cnt = tl.where(mask_t, cnt, 0.0)
+        mask = mask_t[:, None] & mask_c[None, :]
+        idx = offs_t[:, None] * C + offs_c[None, :]
+        mu = tl.load(mean_part_ptr + idx, mask=mask, other=0.0)
+        q = tl.load(m2_part_ptr + idx, mask=mask, other=0.0)
+        chunk_n = tl.sum(cnt, axis=0)
+        chunk_mean = tl.sum(mu * cnt[:, None], axis=0) / chunk_n
+        dev = tl.where(mask, mu - chunk_mean[None, :], 0.0)
+        chunk_m2 = tl.sum(q + dev * dev * cnt[:, None], axis=0)
+        new_total = total + chunk_n
+        delta = chunk_mean - mean
+        mean = mean + delta * (chunk_n / new_total)
+        m2 = m2 + chunk_m2 + delta * delta * (total * chunk_n / new_total)
+        total = new_total
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(var_ptr + offs_c, m2 / total, mask=mask_c)
+
+
+@triton.jit
+def _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc,
+                    DOT_DTYPE: tl.constexpr, IS_FP64: tl.constexpr):
+    """[rows, channels] tile of a = relu(x*scale + shift), zero where the row
+    is a padding tap or out of range (zero *after* the activation)."""
+    mask_c = offs_c < C
+    mask = row_ok[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + row_base[:, None] + offs_c.to(tl.int64)[None, :] * sxc, mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+    if IS_FP64:
+        z = x.to(tl.float64) * scale[None, :] + shift[None, :]
+    else:
+        z = x.to(tl.float32) * scale[None, :] + shift[None, :]
+    a = tl.where(mask & (z > 0), z, 0.0)
+    return a.to(DOT_DTYPE)
+
+
+@triton.jit
+def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_part_ptr, m2_part_ptr,
+                    M, C, K, H, W, OH, OW,
+                    sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
+                    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, EMIT_STATS: tl.constexpr, IS_FP64: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Implicit-GEMM forward: rows = output pixels (M = N*OH*OW), columns =
+    output channels (K), reduction = KH*KW taps x C input channels. The weight
+    is packed [KH, KW, C, K] (K contiguous)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    # Grouped ordering: neighbouring programs share weight columns in L2.
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < K
+    n, oh, ow = _rows_to_nhw(offs_m, OH * OW, OW)
+    if IS_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = oh * STRIDE - PAD + kh
+        for kw in tl.static_range(KW):
+            iw = ow * STRIDE - PAD + kw
+            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            for c0 in range(0, C, BLOCK_K):
+                offs_c = c0 + tl.arange(0, BLOCK_K)
+                a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc,
+                                    DOT_DTYPE, IS_FP64)
+                w_rows = (kh * KW + kw) * C + offs_c
+                b = tl.load(w_ptr + w_rows.to(tl.int64)[:, None] * K + offs_n[None, :],
+                            mask=(offs_c < C)[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    col = offs_n.to(tl.int64)[None, :]
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + col * src, mask=mask, other=0.0)
+        acc += res.to(acc.dtype)
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + col * syc, out, mask=mask)
+    if EMIT_STATS:
+        # Statistics of the value as stored (rounded to y's dtype), which is
+        # what the next BatchNorm would see.
+        v = tl.where(mask, out.to(acc.dtype), 0.0)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
+        mean = tl.sum(v, axis=0) / count
+        d = tl.where(mask, v - mean[None, :], 0.0)
+        tl.store(mean_part_ptr + pid_m * K + offs_n, mean, mask=mask_n)
+        tl.store(m2_part_ptr + pid_m * K + offs_n, tl.sum(d * d, axis=0), mask=mask_n)
+
+
+@triton.jit
+def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, gz_ptr,
+                      sum_gz_ptr, sum_gz_xhat_ptr,
+                      M, C, K, H, W, OH, OW,
+                      sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                      STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                      IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """ga[n, h, w, c] = sum over taps and output channels of gy * W: rows =
+    input pixels (M = N*H*W), columns = input channels C, reduction = taps x
+    K. A tap reaches output pixel ((h + PAD - kh)/STRIDE, ...) when that is an
+    integer in range. The weight is packed [KH, KW, K, C] (C contiguous).
+    Epilogue: gz = ga * [x*scale + shift > 0] stored in x's layout, and
+    per-tile sums of gz and gz*xhat for the gamma/beta gradients."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C, BLOCK_N)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < C
+    n, h, w = _rows_to_nhw(offs_m, H * W, W)
+    if IS_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        th = h + PAD - kh
+        oh = th // STRIDE
+        h_ok = (th >= 0) & (th == oh * STRIDE) & (oh < OH)
+        for kw in tl.static_range(KW):
+            tw = w + PAD - kw
+            ow = tw // STRIDE
+            row_ok = mask_m & h_ok & (tw >= 0) & (tw == ow * STRIDE) & (ow < OW)
+            row_base = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                g = tl.load(gy_ptr + row_base[:, None] + offs_k.to(tl.int64)[None, :] * sgc,
+                            mask=row_ok[:, None] & mask_k[None, :], other=0.0)
+                w_rows = (kh * KW + kw) * K + offs_k
+                b = tl.load(w_ptr + w_rows.to(tl.int64)[:, None] * C + offs_n[None, :],
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    x_offs = (n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] + offs_n.to(tl.int64)[None, :] * sxc
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(acc.dtype)
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)
+    mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_n, mask=mask_n, other=0.0)
+    z = x * scale[None, :] + shift[None, :]
+    gz = tl.where(mask & (z > 0), acc, 0.0)
+    tl.store(gz_ptr + x_offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    xhat = (x - mean[None, :]) * invstd[None, :]
+    tl.store(sum_gz_ptr + pid_m * C + offs_n, tl.sum(gz, axis=0), mask=mask_n)
+    tl.store(sum_gz_xhat_ptr + pid_m * C + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
+
+
+@triton.jit
+def bn_grad_input_kernel(gz_ptr, x_ptr, gx_ptr, scale_ptr, k1_ptr, k0_ptr, M, C, HW, W,
+                         sxn, sxc, sxh, sxw, TRAINING: tl.constexpr, IS_FP64: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """gx = gz*scale + x*k1 + k0 (training: the batch-statistics terms folded
+    into per-channel k1, k0) or gz*scale (eval). gz, x, gx share x's strides,
+    so gx may overwrite gz in place."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_m < M)[:, None] & mask_c[None, :]
+    n, h, w = _rows_to_nhw(offs_m, HW, W)
+    offs = (n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] + offs_c.to(tl.int64)[None, :] * sxc
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+    if IS_FP64:
+        g = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float64) * scale[None, :]
+    else:
+        g = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :]
+    if TRAINING:
+        k1 = tl.load(k1_ptr + offs_c, mask=mask_c, other=0.0)
+        k0 = tl.load(k0_ptr + offs_c, mask=mask_c, other=0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(g.dtype)
+        g = g + x * k1[None, :] + k0[None, :]
+    tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
+                      M, C, K, H, W, OH, OW, SPLIT,
+                      sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+                      STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                      IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Split-K weight gradient: program (tap, K tile, C tile, split) computes
+    gy[rows, K]^T a[rows, C] over its share of the M = N*OH*OW output pixels,
+    with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
+    and writes it to partials [SPLIT, KH*KW, K, C]; the launcher sums splits.
+    Here BLOCK_M is the reduction step, BLOCK_N tiles K, BLOCK_K tiles C."""
+    pid_tap = tl.program_id(0)
+    pid_kc = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    num_pid_c = tl.cdiv(C, BLOCK_K)
+    pid_k = pid_kc // num_pid_c
+    pid_c = pid_kc % num_pid_c
+    kh = pid_tap // KW
+    kw = pid_tap % KW
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    chunks = tl.cdiv(M, BLOCK_M)
+    per_split = tl.cdiv(chunks, SPLIT)
+    if IS_FP64:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for i in range(0, per_split):
+        offs_m = (pid_s * per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        n, oh, ow = _rows_to_nhw(offs_m, OH * OW, OW)
+        g = tl.load(gy_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + offs_k.to(tl.int64)[None, :] * sgc,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        ih = oh * STRIDE - PAD + kh
+        iw = ow * STRIDE - PAD + kw
+        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64)
+        acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION)
+    out = part_ptr + ((pid_s * KH * KW + pid_tap) * K + offs_k.to(tl.int64))[:, None] * C + offs_c[None, :]
+    tl.store(out, acc, mask=mask_k[:, None] & (offs_c < C)[None, :])

@@ -1,0 +1,261 @@
+"""The Triton backend against the PyTorch reference (F.batch_norm + F.relu +
+F.conv2d): forward, every input gradient, running statistics, the emitted
+statistics, traps from DESIGN.md, gradcheck, opcheck and bad input.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set
+by conftest.py before Triton is imported), on small shapes; with a GPU the
+same tests run compiled on CUDA, plus the fp16/bf16 ones."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_preact
+from fused_preact import functional
+from conftest import assert_close
+
+triton = pytest.importorskip("triton")
+from fused_preact import triton_launch, triton_ops  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not triton_launch.INTERPRET,
+                                reason="no GPU and TRITON_INTERPRET is not set")
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+GEOMETRIES = [(1, 1), (1, 2), (3, 1), (3, 2)]  # (kernel size, stride); padding = kernel // 2
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 comparisons at fp32 precision: no TF32 in the reference or the kernels."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _inputs(n, c, h, w, k_out, ksize, stride, dtype, layout, residual, beta_offset=1.0, mean=3.0):
+    pad = ksize // 2
+    oh, ow = (h + 2 * pad - ksize) // stride + 1, (w + 2 * pad - ksize) // stride + 1
+    x = (torch.randn(n, c, h, w, dtype=dtype, device=DEVICE) * 2 + mean).to(memory_format=LAYOUTS[layout])
+    return dict(
+        x=x,
+        weight=torch.randn(k_out, c, ksize, ksize, dtype=dtype, device=DEVICE) / (c * ksize * ksize) ** 0.5,
+        gamma=torch.rand(c, dtype=dtype, device=DEVICE) + 0.5,
+        beta=torch.randn(c, dtype=dtype, device=DEVICE) + beta_offset,
+        residual=(torch.randn(n, k_out, oh, ow, dtype=dtype, device=DEVICE).to(memory_format=LAYOUTS[layout])
+                  if residual else None),
+        running_mean=torch.randn(c, dtype=dtype, device=DEVICE),
+        running_var=torch.rand(c, dtype=dtype, device=DEVICE) + 0.5,
+    ), pad
+
+
+def _run(backend, inp, training, stride, pad, grad_y=None):
+    """Forward + backward of one unit on fresh leaf copies: (y, grads, running_mean, running_var)."""
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "gamma", "beta", "residual")
+              if inp[k] is not None}
+    rm, rv = inp["running_mean"].clone(), inp["running_var"].clone()
+    y = functional.bn_relu_conv2d(leaves["x"], leaves["weight"], leaves["gamma"], leaves["beta"], rm, rv,
+                                  training=training, stride=stride, padding=pad,
+                                  residual=leaves.get("residual"), backend=backend)
+    if grad_y is None:
+        grad_y = torch.randn_like(y)
+    grads = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), grad_y)))
+    return y, grads, rm, rv, grad_y
+
+
+def _compare(inp, training, stride, pad, dtype):
+    y_ref, g_ref, rm_ref, rv_ref, grad_y = _run("torch", inp, training, stride, pad)
+    y, g, rm, rv, _ = _run("triton", inp, training, stride, pad, grad_y)
+    assert y.shape == y_ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) == inp["x"].is_contiguous(
+        memory_format=torch.channels_last), "output keeps the input's memory format"
+    assert_close(y, y_ref, dtype, "output")
+    for name in g_ref:
+        assert_close(g[name], g_ref[name], dtype, f"grad {name}")
+    assert_close(rm, rm_ref, dtype, "running_mean")
+    assert_close(rv, rv_ref, dtype, "running_var")
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ksize, stride", GEOMETRIES)
+def test_unit_matches_reference_float64(ksize, stride, layout, training, residual):
+    inp, pad = _inputs(2, 5, 7, 6, 6, ksize, stride, torch.float64, layout, residual)
+    _compare(inp, training, stride, pad, torch.float64)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ksize, stride", GEOMETRIES)
+def test_unit_matches_reference_float32(ksize, stride, layout):
+    inp, pad = _inputs(2, 6, 6, 7, 5, ksize, stride, torch.float32, layout, True)
+    _compare(inp, True, stride, pad, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [
+    (1, 17, 5, 9, 19),  # N = 1, C and K not powers of two or tile multiples, odd W
+    (3, 3, 5, 5, 4),    # C = 3
+    (2, 40, 3, 4, 36),  # channels spanning more than one tile of the interpreter config
+])
+@pytest.mark.parametrize("ksize, stride", [(3, 2), (3, 1), (1, 2)])
+def test_edge_shapes(shape, ksize, stride):
+    n, c, h, w, k = shape
+    inp, pad = _inputs(n, c, h, w, k, ksize, stride, torch.float64, "channels_last", True)
+    _compare(inp, True, stride, pad, torch.float64)
+
+
+def test_padding_reads_zero_after_activation():
+    """beta >> 0 makes relu(shift) large: a kernel that activated the padded
+    zeros would put it on every border pixel."""
+    inp, pad = _inputs(2, 4, 5, 5, 3, 3, 1, torch.float64, "channels_last", False, beta_offset=8.0)
+    _compare(inp, True, 1, pad, torch.float64)
+    _compare(inp, False, 1, pad, torch.float64)
+
+
+def test_non_contiguous_input():
+    base = torch.randn(3, 12, 9, 9, dtype=torch.float64, device=DEVICE)
+    inp, pad = _inputs(3, 6, 8, 7, 5, 3, 1, torch.float64, "nchw", False)
+    inp["x"] = base[:, ::2, 1:, :7]  # a strided view in neither layout
+    _compare(inp, True, 1, pad, torch.float64)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_batch_stats_survive_a_large_mean(layout, offset):
+    x = (torch.randn(4, 5, 12, 12, device=DEVICE) + offset).to(memory_format=LAYOUTS[layout])
+    mean, var = triton_ops.bn_stats(x)
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-3, atol=0)
+
+
+def test_batch_stats_of_a_non_contiguous_input():
+    x = torch.randn(5, 10, 9, 9, device=DEVICE)[:, 1::2, :, 2:]
+    mean, var = triton_ops.bn_stats(x)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("residual", [False, True])
+def test_emitted_statistics_are_those_of_the_output(dtype, residual):
+    inp, pad = _inputs(3, 5, 9, 7, 6, 3, 2, dtype, "channels_last", residual)
+    mean, invstd = inp["x"].mean((0, 2, 3)), inp["x"].var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
+    y, y_mean, y_var = triton_ops.bn_relu_conv2d(inp["x"], inp["weight"], mean, invstd, inp["gamma"], inp["beta"],
+                                                 True, 2, pad, inp["residual"], True)
+    y64 = y.double()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(y_mean.double(), y64.mean((0, 2, 3)), rtol=tol, atol=tol)
+    torch.testing.assert_close(y_var.double(), y64.var((0, 2, 3), unbiased=False), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("ksize, stride", [(3, 2), (1, 1)])
+def test_gradcheck_float64(training, ksize, stride):
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 2, ksize, ksize, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    g = (torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rm, rv = torch.zeros(2, dtype=torch.float64, device=DEVICE), torch.ones(2, dtype=torch.float64, device=DEVICE)
+
+    def unit(x, w, g, b):
+        # Training without running statistics: no state changes between the
+        # gradcheck's evaluations.
+        return functional.bn_relu_conv2d(x, w, g, b, None if training else rm, None if training else rv,
+                                         training=training, stride=stride, padding=ksize // 2, backend="triton")
+
+    assert torch.autograd.gradcheck(unit, (x, w, g, b), eps=1e-6, atol=1e-7)
+
+
+def test_opcheck():
+    inp, pad = _inputs(2, 3, 4, 4, 4, 3, 1, torch.float64, "channels_last", True)
+    mean, invstd = inp["x"].mean((0, 2, 3)), inp["x"].var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
+    args = (inp["x"].requires_grad_(), inp["weight"].requires_grad_(), mean, invstd,
+            inp["gamma"].requires_grad_(), inp["beta"], True, 1, pad, inp["residual"], True)
+    torch.library.opcheck(triton_ops.bn_relu_conv2d, args)
+    torch.library.opcheck(triton_ops.bn_stats, (inp["x"].detach(),))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: fused_preact.preact_resnet_cifar(11),                 # bottleneck; projections at stride 1 and 2
+    lambda: fused_preact.preact_resnet_cifar(8, block="basic"),   # basic blocks
+])
+def test_converted_model_trains_like_the_reference(build):
+    """Blocks on Triton: shared pre-activation for the projection, statistics
+    flowing from each epilogue to the next BN, residual in the last epilogue."""
+    import copy
+
+    torch.manual_seed(0)
+    ref = build().double().to(DEVICE)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    fused = fused_preact.convert(copy.deepcopy(ref), backend="triton")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, fused)]
+    for step in range(2):
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=DEVICE).to(memory_format=torch.channels_last)
+        outs = []
+        for model, opt in zip((ref, fused), opts):
+            opt.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
+        for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        for opt in opts:
+            opt.step()
+    for (name, a), b in zip(ref.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    ref.eval()
+    fused.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="fp16/bf16 need a GPU (the interpreter computes in numpy)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ksize, stride", GEOMETRIES)
+def test_low_precision_ratio_rule(dtype, ksize, stride):
+    """|fused - ref64| <= 2 |torch_same_dtype - ref64| + atol (DESIGN.md §5)."""
+    inp, pad = _inputs(8, 64, 16, 16, 48, ksize, stride, dtype, "channels_last", True)
+    inp64 = {k: (v.double() if v is not None else None) for k, v in inp.items()}
+    y64, g64, *_ = _run("torch", inp64, True, stride, pad)
+    grad_y = torch.randn_like(y64).to(dtype)
+    y_t, g_t, *_ = _run("torch", inp, True, stride, pad, grad_y)
+    y_f, g_f, *_ = _run("triton", inp, True, stride, pad, grad_y)
+    y64, g64, *_ = _run("torch", inp64, True, stride, pad, grad_y.double())
+    for name, ref64, same, fused in [("y", y64, y_t, y_f)] + [(k, g64[k], g_t[k], g_f[k]) for k in g64]:
+        err_fused = (fused.double() - ref64).norm() / ref64.norm()
+        err_torch = (same.double() - ref64).norm() / ref64.norm()
+        assert err_fused <= 2 * err_torch + 1e-3, f"{name}: fused {err_fused:.2e} vs torch {err_torch:.2e}"
+
+
+def test_cpu_tensor_without_interpreter_says_so():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, fused_preact\n"
+            "x = torch.randn(2, 3, 4, 4); w = torch.randn(4, 3, 3, 3)\n"
+            "try:\n"
+            "    fused_preact.bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1,"
+            " backend='triton')\n"
+            "except RuntimeError as e:\n"
+            "    print('ERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "ERROR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_bad_input_names_the_problem():
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="channels"):
+        functional.bn_relu_conv2d(x, torch.randn(4, 5, 3, 3, device=DEVICE), None, None, None, None,
+                                  training=True, padding=1, backend="triton")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        functional.bn_relu_conv2d(torch.randn(1, 3, 1, 1, device=DEVICE), torch.randn(4, 3, 1, 1, device=DEVICE),
+                                  None, None, None, None, training=True, backend="triton")
+    with pytest.raises(RuntimeError, match="supports float16, bfloat16, float32 and float64"):
+        triton_ops.bn_stats(torch.ones(2, 3, 4, 4, dtype=torch.int32, device=DEVICE))
