@@ -7,6 +7,7 @@ extension; ``fused_preact.backends()`` reports what is available and why not.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -60,6 +61,11 @@ def backends() -> dict[str, dict[str, object]]:
     if importlib.util.find_spec("triton") is None:
         report["triton"] = {"available": False, "devices": [], "reason": "triton is not installed"}
     else:
-        report["triton"] = {"available": False, "devices": [],
-                            "reason": "the Triton kernels are not implemented yet (see the issue tracker)"}
+        interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        devices = ["cuda"] + (["cpu"] if interpret else [])
+        why = "Triton kernels (implicit-GEMM conv with BN+ReLU prologue and residual/statistics epilogue)"
+        why += "; CPU tensors under TRITON_INTERPRET=1" if interpret else "; CPU tensors only under TRITON_INTERPRET=1"
+        if not torch.cuda.is_available():
+            why += "; no CUDA device visible here"
+        report["triton"] = {"available": True, "devices": devices, "reason": why}
     return report

@@ -49,18 +49,31 @@ class Compiled:
     error: str = ""
 
 
-def _signature(fn, dtype: str, constexprs: dict) -> dict:
+def _specialize(fn, dtype: str, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, attrs, constexprs) as the JIT would specialize a launch on
+    channels_last tensors whose channel counts are multiples of 16: channel
+    strides equal 1 (Triton turns an int argument equal to 1 into a
+    constant), pointers, channel counts and the other strides divisible by 16.
+    Without these the loads could not be vectorised and the report would
+    describe a kernel that never runs."""
     stats = "fp64" if dtype == "fp64" else "fp32"
     data_ptrs = {"x_ptr", "w_ptr", "res_ptr", "y_ptr", "gy_ptr", "gz_ptr", "gx_ptr"}
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
+    channel_strides = {"sxc", "syc", "src", "sgc"}
+    divisible = {"C", "K", "sxn", "sxh", "sxw", "syn", "syh", "syw", "srn", "srh", "srw", "sgn", "sgh", "sgw"}
+    sig, attrs, consts = {}, {}, dict(constexprs)
+    for i, name in enumerate(fn.arg_names):
+        if name in channel_strides:
+            consts[name] = 1
+        if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = "*" + (dtype if name in data_ptrs else stats)
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
-    return sig
+            if name in divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs, consts
 
 
 def _resources(cubin: bytes, tool: str) -> tuple[int, int]:
@@ -69,8 +82,9 @@ def _resources(cubin: bytes, tool: str) -> tuple[int, int]:
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     reg = re.search(r"REG:(\d+)", out)
-    local = re.search(r"LOCAL:(\d+)", out)
-    return int(reg.group(1)) if reg else -1, int(local.group(1)) if local else -1
+    # Spilled registers live in the stack frame (STACK) or local memory (LOCAL).
+    spill = sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", out))
+    return int(reg.group(1)) if reg else -1, spill if reg else -1
 
 
 def _variants(kernel: str, dtype: str):
@@ -120,55 +134,81 @@ def _small_kernels(dtype: str):
                    {"TRAINING": training, "IS_FP64": fp64, "BLOCK_M": 128, "BLOCK_C": bc}, 4)
 
 
-def compile_all(archs, dtypes, all_configs: bool, progress=True) -> list[Compiled]:
+def _jobs(dtypes, all_configs: bool) -> list[tuple]:
+    """(kernel, dtype, variant, constexprs, warps, stages, default?) to compile.
+    Every config of each GEMM kernel with its heaviest variant (3x3, stride 1,
+    residual and statistics epilogue), the first config with every other
+    variant; ``all_configs``: every config with every variant."""
+    jobs = []
+    for dtype in dtypes:
+        for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"):
+            configs = list(_configs(kernel, all_configs))
+            for i, (variant, constexprs) in enumerate(_variants(kernel, dtype)):
+                # _variants yields the 3x3/s1 variants first; the last of
+                # those for conv_fwd is the one with residual and statistics.
+                heaviest = variant in ("3x3/s1", "3x3/s1+res+stats")
+                for j, (cfg, default) in enumerate(configs):
+                    if all_configs or heaviest or j == 0:
+                        jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,
+                                     cfg.num_stages, default))
+        for kernel, variant, constexprs, warps in _small_kernels(dtype):
+            jobs.append((kernel, dtype, variant, constexprs, warps, 3, True))
+    return jobs
+
+
+def _compile_one(arch: int, job: tuple) -> Compiled:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from . import triton_kernels as K
 
+    kernel, dtype, variant, constexprs, warps, stages, default = job
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    jobs = []
-    for dtype in dtypes:
-        for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"):
-            configs = list(_configs(kernel, all_configs))
-            for variant, constexprs in _variants(kernel, dtype):
-                for cfg, default in configs:
-                    jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,
-                                 cfg.num_stages, default))
-        for kernel, variant, constexprs, warps in _small_kernels(dtype):
-            jobs.append((kernel, dtype, variant, constexprs, warps, 3, True))
-    results = []
+    fn = getattr(K, kernel)
+    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP")))
+    rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}", default)
+    t0 = time.time()
     try:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs) * len(archs), desc="AOT compile", disable=not progress)
-    except ImportError:  # progress is a nicety; tqdm is optional
-        bar = None
-    for arch in archs:
-        target = GPUTarget("cuda", arch, 32)
-        for kernel, dtype, variant, constexprs, warps, stages, default in jobs:
-            fn = getattr(K, kernel)
-            cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP")))
-            cfg_label += f",warps={warps},stages={stages}"
-            rec = Compiled(kernel, arch, dtype, variant, cfg_label, default)
-            t0 = time.time()
-            try:
-                src = ASTSource(fn=fn, signature=_signature(fn, _TYPE.get(dtype, dtype), constexprs),
-                                constexprs=constexprs)
-                compiled = triton.compile(src, target=target,
-                                          options={"num_warps": warps, "num_stages": stages})
-                rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"], tool)
-                rec.shared_bytes = int(compiled.metadata.shared)
-                rec.wgmma = "wgmma" in compiled.asm.get("ptx", "")
-            except Exception as exc:  # noqa: BLE001  (reported, and the exit status says so)
-                rec.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            rec.seconds = time.time() - t0
-            results.append(rec)
-            if bar is not None:
+        sig, attrs, consts = _specialize(fn, _TYPE.get(dtype, dtype), constexprs)
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": warps, "num_stages": stages})
+        rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"], tool)
+        rec.shared_bytes = int(compiled.metadata.shared)
+        rec.wgmma = "wgmma" in compiled.asm.get("ptx", "")
+    except Exception as exc:  # noqa: BLE001  (reported, and the exit status says so)
+        rec.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    rec.seconds = time.time() - t0
+    return rec
+
+
+def compile_all(archs, dtypes, all_configs: bool, jobs: int = 1, progress: bool = True) -> list[Compiled]:
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    work = [(arch, job) for arch in archs for job in _jobs(dtypes, all_configs)]
+    results = []
+    with tqdm(total=len(work), desc="AOT compile", disable=not progress) as bar:
+        if jobs <= 1:
+            for arch, job in work:
+                results.append(_compile_one(arch, job))
                 bar.update(1)
-    if bar is not None:
-        bar.close()
+        else:
+            with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for rec in pool.map(_compile_one, *zip(*work)):
+                    results.append(rec)
+                    bar.update(1)
     return results
+
+
+def _mma_rows(r: Compiled) -> int:
+    """Rows of the kernel's tl.dot (wgmma needs 64 per warpgroup): the pixel
+    block for forward/dgrad, the output-channel block for wgrad."""
+    key = "BLOCK_N" if r.kernel == "conv_wgrad_kernel" else "BLOCK_M"
+    return int(re.search(key + r"=(\d+)", r.config).group(1))
 
 
 def problems(results: list[Compiled]) -> list[str]:
@@ -179,8 +219,8 @@ def problems(results: list[Compiled]) -> list[str]:
             out.append(f"compile failed: {where}: {r.error}")
         elif r.arch >= 90 and r.default and r.spill_bytes > 0:
             out.append(f"default config spills {r.spill_bytes} bytes: {where}")
-        elif (r.arch == 90 and r.dtype in ("float16", "bfloat16") and r.kernel != "conv_wgrad_kernel"
-              and r.kernel.startswith("conv_") and not r.wgmma):
+        elif (r.arch == 90 and r.dtype in ("float16", "bfloat16") and r.kernel.startswith("conv_")
+              and _mma_rows(r) >= 64 and not r.wgmma):
             out.append(f"no wgmma: {where}")
     return out
 
@@ -192,12 +232,13 @@ def main(argv=None) -> int:
     parser.add_argument("--all-configs", action="store_true",
                         help="every config the launchers can pick (default: those the model shapes pick)")
     parser.add_argument("--json", help="write every record here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compile needs JIT kernels", file=sys.stderr)
         return 2
-    results = compile_all(args.arch, args.dtype, args.all_configs, progress=not args.no_progress)
+    results = compile_all(args.arch, args.dtype, args.all_configs, jobs=args.jobs, progress=not args.no_progress)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)

@@ -26,6 +26,9 @@ from torch import Tensor
 from . import triton_kernels as K
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# FUSED_PREACT_TRITON_AUTOTUNE=0: the first config of each set, no tuning
+# (fewer compiles: the GPU tests use it).
+AUTOTUNE = os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0"
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
@@ -79,22 +82,35 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 # units, up to 128/64 for ResNet-v2-50's).
 
 
-def _gemm_configs(rows_block: int, n_cols: int, n_red: int) -> list[triton.Config]:
+def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False) -> list[triton.Config]:
+    """Forward/dgrad: the tile spans the output channels (up to 128); eight
+    warps for wide tiles, where the transformed A tile and the accumulator
+    would otherwise exceed the register file (measured with triton_aot).
+    fp64 (no tensor cores; for checks) gets narrow tiles that fit shared memory."""
+    if fp64:
+        return [triton.Config({"BLOCK_M": rows_block, "BLOCK_N": _pow2(n_cols, 16, 32), "BLOCK_K": 16,
+                               "GROUP_M": 8}, num_warps=4, num_stages=2)]
     bn = _pow2(n_cols, 16, 128)
     configs = []
-    for bk, warps, stages in ((_pow2(n_red, 16, 32), 4, 3), (_pow2(n_red, 16, 64), 4, 4),
-                              (_pow2(n_red, 16, 64), 8, 3)):
-        cfg = (bk, warps, stages)
-        if cfg not in [(c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in configs]:
+    for bk, stages in ((_pow2(n_red, 16, 64), 3), (_pow2(n_red, 16, 32), 4)):
+        # Per thread: the fp32 accumulator (BLOCK_M*BN) and the transformed
+        # A tile (BLOCK_M*BK). Past 96 columns together four warps spilled
+        # on sm_90 (triton_aot); eight do not.
+        warps = 8 if bn + bk >= 96 else 4
+        if bk not in [c.kwargs["BLOCK_K"] for c in configs]:
             configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                          num_warps=warps, num_stages=stages))
-    return configs
+    return configs[:1] if not AUTOTUNE else configs
 
 
-def _wgrad_configs(k: int, c: int) -> list[triton.Config]:
+def _wgrad_configs(k: int, c: int, fp64: bool = False) -> list[triton.Config]:
+    if fp64:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
+                              num_warps=4, num_stages=2)]
     bn, bk = _pow2(k, 16, 128), _pow2(c, 16, 64)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-            for bm, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 4))]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=3)
+               for bm, warps in ((64, 4), (128, 8))]
+    return configs[:1] if not AUTOTUNE else configs
 
 
 # The forward/dgrad row block is fixed (not tuned) because the per-tile
@@ -112,6 +128,13 @@ def _tuned(kernel_name: str, config_key: tuple) -> object:
 def _launch_gemm(kernel_name: str, grid, config_key: tuple, interpret_meta: dict, *args, **constexprs) -> None:
     if INTERPRET:
         getattr(K, kernel_name)[grid](*args, **constexprs, **interpret_meta)
+        return
+    kind, *shape = config_key
+    configs = _wgrad_configs(*shape) if kind == "wgrad" else _gemm_configs(*shape)
+    if len(configs) == 1:
+        cfg = configs[0]
+        getattr(K, kernel_name)[grid](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps,
+                                      num_stages=cfg.num_stages)
     else:
         _tuned(kernel_name, config_key)[grid](*args, **constexprs)
 
@@ -175,7 +198,7 @@ def conv_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride
     if m > 0:
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * triton.cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
-        _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c),
+        _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64),
                      {"BLOCK_M": rows, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 16),
                       "GROUP_M": 4},
                      x, w_packed, scale, shift, res, y, mean_part if emit_stats else y,
@@ -222,7 +245,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invst
         if m > 0:
             w_packed = weight.permute(2, 3, 0, 1).contiguous()  # [KH, KW, K, C]
             grid = lambda meta: (tiles * triton.cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
-            _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out),
+            _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
                           "GROUP_M": 4},
                          grad_y, w_packed, x, scale, shift, mean, invstd, gz, part_gz, part_gz_xhat,
@@ -252,7 +275,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invst
         if m > 0:
             grid = lambda meta: (kh * kw, triton.cdiv(k_out, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_K"]),  # noqa: E731
                                  split)
-            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c),
+            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
                          x, grad_y, scale, shift, part, m, c, k_out, h, w, oh, ow, split,
                          *_strides(x), *_strides(grad_y), STRIDE=stride, PAD=padding, KH=kh, KW=kw,

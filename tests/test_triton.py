@@ -24,6 +24,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not triton_launch.INTERPRET,
                                 reason="no GPU and TRITON_INTERPRET is not set")
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+# The interpreter computes fp64 cheaply, so the checks there are at fp64
+# precision; on a GPU fp64 kernels take ~45 s each to compile, so the same
+# checks run in fp32 (TF32 off) there.
+REF_DTYPE = torch.float64 if DEVICE == "cpu" else torch.float32
 GEOMETRIES = [(1, 1), (1, 2), (3, 1), (3, 2)]  # (kernel size, stride); padding = kernel // 2
 
 
@@ -83,9 +87,9 @@ def _compare(inp, training, stride, pad, dtype):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("ksize, stride", GEOMETRIES)
-def test_unit_matches_reference_float64(ksize, stride, layout, training, residual):
-    inp, pad = _inputs(2, 5, 7, 6, 6, ksize, stride, torch.float64, layout, residual)
-    _compare(inp, training, stride, pad, torch.float64)
+def test_unit_matches_reference_at_reference_precision(ksize, stride, layout, training, residual):
+    inp, pad = _inputs(2, 5, 7, 6, 6, ksize, stride, REF_DTYPE, layout, residual)
+    _compare(inp, training, stride, pad, REF_DTYPE)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -103,23 +107,23 @@ def test_unit_matches_reference_float32(ksize, stride, layout):
 @pytest.mark.parametrize("ksize, stride", [(3, 2), (3, 1), (1, 2)])
 def test_edge_shapes(shape, ksize, stride):
     n, c, h, w, k = shape
-    inp, pad = _inputs(n, c, h, w, k, ksize, stride, torch.float64, "channels_last", True)
-    _compare(inp, True, stride, pad, torch.float64)
+    inp, pad = _inputs(n, c, h, w, k, ksize, stride, REF_DTYPE, "channels_last", True)
+    _compare(inp, True, stride, pad, REF_DTYPE)
 
 
 def test_padding_reads_zero_after_activation():
     """beta >> 0 makes relu(shift) large: a kernel that activated the padded
     zeros would put it on every border pixel."""
-    inp, pad = _inputs(2, 4, 5, 5, 3, 3, 1, torch.float64, "channels_last", False, beta_offset=8.0)
-    _compare(inp, True, 1, pad, torch.float64)
-    _compare(inp, False, 1, pad, torch.float64)
+    inp, pad = _inputs(2, 4, 5, 5, 3, 3, 1, REF_DTYPE, "channels_last", False, beta_offset=8.0)
+    _compare(inp, True, 1, pad, REF_DTYPE)
+    _compare(inp, False, 1, pad, REF_DTYPE)
 
 
 def test_non_contiguous_input():
-    base = torch.randn(3, 12, 9, 9, dtype=torch.float64, device=DEVICE)
-    inp, pad = _inputs(3, 6, 8, 7, 5, 3, 1, torch.float64, "nchw", False)
+    base = torch.randn(3, 12, 9, 9, dtype=REF_DTYPE, device=DEVICE)
+    inp, pad = _inputs(3, 6, 8, 7, 5, 3, 1, REF_DTYPE, "nchw", False)
     inp["x"] = base[:, ::2, 1:, :7]  # a strided view in neither layout
-    _compare(inp, True, 1, pad, torch.float64)
+    _compare(inp, True, 1, pad, REF_DTYPE)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -139,7 +143,7 @@ def test_batch_stats_of_a_non_contiguous_input():
     torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", sorted({REF_DTYPE, torch.float32}, key=str))
 @pytest.mark.parametrize("residual", [False, True])
 def test_emitted_statistics_are_those_of_the_output(dtype, residual):
     inp, pad = _inputs(3, 5, 9, 7, 6, 3, 2, dtype, "channels_last", residual)
@@ -152,6 +156,8 @@ def test_emitted_statistics_are_those_of_the_output(dtype, residual):
     torch.testing.assert_close(y_var.double(), y64.var((0, 2, 3), unbiased=False), rtol=tol, atol=tol)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
+                    "gradcheck runs under the interpreter (CI)")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("ksize, stride", [(3, 2), (1, 1)])
 def test_gradcheck_float64(training, ksize, stride):
@@ -171,12 +177,18 @@ def test_gradcheck_float64(training, ksize, stride):
 
 
 def test_opcheck():
-    inp, pad = _inputs(2, 3, 4, 4, 4, 3, 1, torch.float64, "channels_last", True)
+    inp, pad = _inputs(2, 3, 4, 4, 4, 3, 1, REF_DTYPE, "channels_last", True)
     mean, invstd = inp["x"].mean((0, 2, 3)), inp["x"].var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
     args = (inp["x"].requires_grad_(), inp["weight"].requires_grad_(), mean, invstd,
             inp["gamma"].requires_grad_(), inp["beta"], True, 1, pad, inp["residual"], True)
     torch.library.opcheck(triton_ops.bn_relu_conv2d, args)
     torch.library.opcheck(triton_ops.bn_stats, (inp["x"].detach(),))
+
+
+def _model_tol():
+    # Through 3-4 blocks of BatchNorm backward: fp64 agrees to rounding, fp32
+    # (GPU) to summation-order noise amplified by the normalisations.
+    return dict(rtol=1e-9, atol=1e-10) if REF_DTYPE == torch.float64 else dict(rtol=2e-3, atol=2e-4)
 
 
 @pytest.mark.parametrize("build", [
@@ -189,7 +201,7 @@ def test_converted_model_trains_like_the_reference(build):
     import copy
 
     torch.manual_seed(0)
-    ref = build().double().to(DEVICE)
+    ref = build().to(REF_DTYPE).to(DEVICE)
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -198,24 +210,24 @@ def test_converted_model_trains_like_the_reference(build):
     fused = fused_preact.convert(copy.deepcopy(ref), backend="triton")
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, fused)]
     for step in range(2):
-        x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=DEVICE).to(memory_format=torch.channels_last)
+        x = torch.randn(2, 3, 8, 8, dtype=REF_DTYPE, device=DEVICE).to(memory_format=torch.channels_last)
         outs = []
         for model, opt in zip((ref, fused), opts):
             opt.zero_grad()
             out = model(x)
             out.square().mean().backward()
             outs.append(out)
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(outs[1], outs[0], **_model_tol())
         for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(b.grad, a.grad, **_model_tol(), msg=lambda m: f"{name}: {m}")
         for opt in opts:
             opt.step()
     for (name, a), b in zip(ref.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b, a, **_model_tol(), msg=lambda m: f"{name}: {m}")
     ref.eval()
     fused.eval()
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=DEVICE)
-    torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-10)
+    x = torch.randn(2, 3, 8, 8, dtype=REF_DTYPE, device=DEVICE)
+    torch.testing.assert_close(fused(x), ref(x), **_model_tol())
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="fp16/bf16 need a GPU (the interpreter computes in numpy)")

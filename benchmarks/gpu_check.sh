@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One prepared check on a fresh GPU machine (torch, triton, nvcc installed; no
+# internet): build the extension, run the GPU tests, run the GPU benchmark,
+# and leave logs, results.json, report.md and plots in OUTDIR.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR [bench suites, default units,cifar,imagenet]
+#
+# Sized for <= 8 minutes on one H100: sm_90 only, MAX_JOBS = cores, the GPU
+# tests on 8 processes without autotuning, the benchmark's Triton kernels
+# compiled in parallel before timing. Every step has its own time limit and
+# the script goes on after a failed step (each step's status is in the log).
+set -u -o pipefail
+OUT=$(realpath -m "${1:?usage: gpu_check.sh OUTDIR [suites]}")
+SUITES=${2:-units,cifar,imagenet}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+LOG=$OUT/gpu_check.log
+T0=$(date +%s)
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...: runs with a limit, appends to the log, never aborts the script
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "=== $name (limit ${limit}s, at +$((start - T0))s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  rc=$?
+  echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$LOG"
+}
+
+step environment 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
+  $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())';
+  nvcc --version | tail -n 2; nproc; git log -1 --format='commit %H %s' 2>/dev/null || true"
+step build 300 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 $PY setup.py build_ext --inplace
+step tests 240 env FUSED_PREACT_TRITON_AUTOTUNE=0 FUSED_PREACT_EXPECT_CUDA=1 $PY -m pytest -q -rfEs -n 8 \
+  -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_native_ops.py tests/test_triton.py tests/test_package.py
+step bench 330 $PY -m fused_preact.bench --device cuda --suite "$SUITES" --dtype bfloat16 --no-progress \
+  --out "$OUT/bench"
+tail -n 60 "$OUT/bench/report.md" 2>/dev/null
+grep -E "passed|failed|error" "$LOG" | tail -n 5
+echo "gpu_check finished in $(($(date +%s) - T0))s; logs in $OUT"
