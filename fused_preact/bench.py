@@ -300,6 +300,9 @@ def environment(device: str) -> dict:
         env["cuda"] = torch.version.cuda
     else:
         env["device_name"] = platform.processor() or "cpu"
+    env["git_commit"] = os.environ.get("FUSED_PREACT_COMMIT")  # where the tree travelled without .git
+    if env["git_commit"]:
+        return env
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
@@ -497,6 +500,8 @@ def main(argv=None) -> int:
     parser.add_argument("--full-size", action="store_true", help="on CPU: the GPU sizes (slow)")
     parser.add_argument("--warm-workers", type=int, default=None,
                         help="processes that compile the Triton kernels before timing (default: 8 on CUDA)")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="only compile the Triton kernels into Triton's cache (e.g. while tests run), no timing")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -528,7 +533,6 @@ def main(argv=None) -> int:
                "args": {"device": device, "suites": suites, "dtype": str(dtype).replace("torch.", ""),
                         "providers": providers, "repeats": repeats, "warmup": warmup, "batch_cifar": batch_cifar,
                         "batch_imagenet": batch_imagenet, "small": small}}
-    results["ceilings"] = device_ceilings(device)
     torch.backends.cudnn.benchmark = True
 
     work: list[tuple] = []
@@ -558,6 +562,11 @@ def main(argv=None) -> int:
         t0 = time.time()
         warm_triton_cache(triton_jobs, workers, not args.no_progress)
         results["warm_seconds"] = time.time() - t0
+        print(f"compiled the Triton kernels of {len(triton_jobs)} measurements in {results['warm_seconds']:.0f} s "
+              f"with {workers} processes", file=sys.stderr)
+    if args.warm_only:
+        return 0
+    results["ceilings"] = device_ceilings(device)
 
     unit_rows: dict[UnitShape, dict] = {}
     models: dict[str, dict] = {}
