@@ -588,6 +588,10 @@ def main(argv=None) -> int:
                 batch = batch_of(kind, what)
                 models.setdefault(what, {})[provider] = bench_model(what, provider, batch, device, dtype, warmup,
                                                                     repeats, small, model, input_shape)
+            # Raw numbers so far, in case the run is cut short.
+            with open(os.path.join(args.out, "results.json"), "w") as f:
+                json.dump({**results, "partial": True, "models": models,
+                           "units": list(unit_rows.values())}, f, indent=1, default=str)
         except Exception as exc:  # noqa: BLE001  (a benchmark reports, it does not stop)
             msg = f"{kind} {what if kind == 'model' else what.model + ' ' + what.name} {provider}: " \
                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:400]
