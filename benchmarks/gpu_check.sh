@@ -33,22 +33,33 @@ step environment 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.t
   $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())';
   nvcc --version | tail -n 2; nproc; git log -1 --format='commit %H %s' 2>/dev/null || true"
 step build 150 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 $PY setup.py build_ext --inplace
+# Errors raised from the C++ ops must reach Python as exceptions (one run
+# segfaulted here): check it alone first, with the C++ runtime it loaded.
+step exceptions 60 bash -c "ldd fused_preact/_C*.so | grep -Ei 'stdc|gcc_s|torch' ; which g++ c++ gcc; g++ --version | head -n1;
+  $PY -X faulthandler -c \"import torch, fused_preact
+for dev in ('cpu', 'cuda'):
+    try:
+        torch.ops.fused_preact.bn_stats(torch.randn(2, 4, 3, device=dev))
+    except RuntimeError as e:
+        print(dev, 'raised', str(e).splitlines()[0])
+\""
 PROVIDERS=${BENCH_PROVIDERS:-eager,eager_cl,native,triton}
 BENCH=($PY -m fused_preact.bench --device cuda --suite "$SUITES" --dtype bfloat16 --providers "$PROVIDERS"
        --no-progress --out "$OUT/bench")
 # Compile the benchmark's Triton kernels (8 processes) while the tests run;
 # the timed benchmark starts after both, on a quiet GPU.
-echo "=== bench compile in the background (limit 240s)" | tee -a "$LOG"
-timeout --kill-after=10 240 "${BENCH[@]}" --warm-workers 8 --warm-only > "$OUT/bench_compile.log" 2>&1 &
+echo "=== bench compile in the background (limit 200s)" | tee -a "$LOG"
+timeout --kill-after=10 200 "${BENCH[@]}" --warm-workers 8 --warm-only > "$OUT/bench_compile.log" 2>&1 &
 WARM=$!
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 170 env FUSED_PREACT_TRITON_AUTOTUNE=0 FUSED_PREACT_EXPECT_CUDA=1 $PY -m pytest -q -rfEs $XDIST \
-  -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_native_ops.py tests/test_triton.py tests/test_package.py
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
+step tests 200 env FUSED_PREACT_TRITON_AUTOTUNE=0 FUSED_PREACT_EXPECT_CUDA=1 $PY -m pytest -v --tb=short -rfEs $XDIST \
+  -p no:cacheprovider -p no:benchmark --junitxml="$OUT/tests.xml" tests/test_native_ops.py tests/test_triton.py \
+  tests/test_package.py ${TEST_ARGS:-}
 wait $WARM
 echo "=== bench compile: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 cat "$OUT/bench_compile.log" >> "$LOG"
 rm -f "$OUT/bench_compile.log"
-step bench 170 "${BENCH[@]}" --warm-workers 0
+step bench 150 "${BENCH[@]}" --warm-workers 0
 tail -n 60 "$OUT/bench/report.md" 2>/dev/null
 grep -E "passed|failed|error" "$LOG" | tail -n 5
 echo "gpu_check finished in $(($(date +%s) - T0))s; logs in $OUT"

@@ -185,8 +185,20 @@ def _autocast(device: str, dtype: torch.dtype):
     return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def _capture(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # capture needs a warm-up on a side stream
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def bench_unit(shape: UnitShape, provider: str, batch: int, device: str, dtype: torch.dtype, warmup: int,
-               repeats: int, rotate: int) -> dict:
+               repeats: int, rotate: int, cuda_graph: bool = False) -> dict:
     torch.manual_seed(0)
     eager = _EagerUnit(shape).to(device)
     fmt = torch.contiguous_format if provider == "eager" else torch.channels_last
@@ -217,6 +229,19 @@ def bench_unit(shape: UnitShape, provider: str, batch: int, device: str, dtype: 
     saved = saved_tensor_bytes(lambda: forward(0))
     out = {"forward": summary(fwd), "train_step": summary(train), "saved_bytes": saved}
     out["backward_ms"] = max(out["train_step"]["median_ms"] - out["forward"]["median_ms"], 0.0)
+    if device == "cuda" and cuda_graph:
+        # Device time without the host: one CUDA graph per input set,
+        # captured after the warm-up above (autotuning done), replayed in turn.
+        try:
+            for label, fn in (("forward_graph", forward), ("train_step_graph", step)):
+                graphs = [_capture(lambda i=i: fn(i)) for i in range(rotate)]
+                out[label] = summary(time_ms(lambda i: graphs[i % rotate].replay(), device, warmup, repeats))
+                del graphs
+            out["backward_graph_ms"] = max(out["train_step_graph"]["median_ms"]
+                                           - out["forward_graph"]["median_ms"], 0.0)
+        except Exception as exc:  # noqa: BLE001  (reported beside the host-timed numbers)
+            out["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            torch.cuda.synchronize()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -348,13 +373,16 @@ def write_report(results: dict, out_dir: str) -> str:
     units = results.get("units")
     if units:
         provs = [p for p in results["args"]["providers"] if any(p in u["providers"] for u in units)]
-        lines += ["## Units (training step = forward + backward; ms, median)", "",
+        graph = any("train_step_graph" in r for u in units for r in u["providers"].values())
+        key = "train_step_graph" if graph else "train_step"
+        lines += ["## Units (training step = forward + backward; ms, median"
+                  + (", CUDA-graph replay: device time without host overhead)" if graph else ")"), "",
                   "| unit | " + " | ".join(provs) + " | " + " | ".join(f"eager/{p}" for p in provs if p != "eager")
                   + " | floor fwd+bwd | saved (fused/eager) |",
                   "|---|" + "---:|" * (2 * len(provs) + 1)]
         for u in units:
-            t = {p: u["providers"][p]["train_step"]["median_ms"] for p in provs
-                 if p in u["providers"] and "train_step" in u["providers"][p]}
+            t = {p: u["providers"][p][key]["median_ms"] for p in provs
+                 if p in u["providers"] and key in u["providers"][p]}
             ratios = [f"{t['eager'] / t[p]:.2f}x" if "eager" in t and p in t else "-" for p in provs if p != "eager"]
             floor = u.get("floor_ms")
             fused = next((p for p in ("triton", "native") if p in t), None)
@@ -365,6 +393,14 @@ def write_report(results: dict, out_dir: str) -> str:
                          f"@{u['shape']['size']} | " + " | ".join(f"{t[p]:.3f}" if p in t else "-" for p in provs)
                          + " | " + " | ".join(ratios) + f" | {floor_s} | {saved} |")
         lines.append("")
+        if graph:
+            lines += ["### The same units timed from Python (host launch overhead included; ms, median)", "",
+                      "| unit | " + " | ".join(provs) + " |", "|---|" + "---:|" * len(provs)]
+            for u in units:
+                lines.append(f"| {u['shape']['model']} {u['shape']['name']} | " + " | ".join(
+                    f"{u['providers'][p]['train_step']['median_ms']:.3f}" if p in u["providers"] else "-"
+                    for p in provs) + " |")
+            lines.append("")
     errors = results.get("errors", [])
     if errors:
         lines += ["## Errors", ""] + [f"- {e}" for e in errors] + [""]
@@ -411,7 +447,8 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
         width = 0.8 / (len(provs) + 1)
         for k, p in enumerate(provs):
             ax.bar([x + k * width for x in xs],
-                   [u["providers"].get(p, {}).get("train_step", {}).get("median_ms", 0) for u in units], width,
+                   [u["providers"].get(p, {}).get("train_step_graph", u["providers"].get(p, {}).get(
+                       "train_step", {})).get("median_ms", 0) for u in units], width,
                    label=p)
         if all(u.get("floor_ms") is not None for u in units):
             ax.bar([x + len(provs) * width for x in xs], [u["floor_ms"] for u in units], width, label="floor",
@@ -500,6 +537,8 @@ def main(argv=None) -> int:
     parser.add_argument("--full-size", action="store_true", help="on CPU: the GPU sizes (slow)")
     parser.add_argument("--warm-workers", type=int, default=None,
                         help="processes that compile the Triton kernels before timing (default: 8 on CUDA)")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="units on CUDA: skip the CUDA-graph replay timing (device time without host overhead)")
     parser.add_argument("--warm-only", action="store_true",
                         help="only compile the Triton kernels into Triton's cache (e.g. while tests run), no timing")
     parser.add_argument("--out", default="bench_out")
@@ -577,7 +616,8 @@ def main(argv=None) -> int:
         try:
             if kind == "unit":
                 batch = batch_of(kind, what)
-                r = bench_unit(what, provider, batch, device, dtype, warmup, repeats, rotate=4)
+                r = bench_unit(what, provider, batch, device, dtype, warmup, repeats, rotate=4,
+                               cuda_graph=not args.no_cuda_graph)
                 row = unit_rows.setdefault(what, {"shape": asdict(what), "batch": batch, "providers": {}})
                 row["providers"][provider] = r
             else:
@@ -616,7 +656,8 @@ def main(argv=None) -> int:
             floor_b = max(2 * flops / ceil["bf16_flops_per_s"], bwd_b / ceil["copy_bytes_per_s"]) * 1e3
             row.update({"floor_forward_ms": floor_f, "floor_backward_ms": floor_b, "floor_ms": floor_f + floor_b})
             for r in row["providers"].values():
-                r["fraction_of_floor"] = row["floor_ms"] / r["train_step"]["median_ms"]
+                t = r.get("train_step_graph", r["train_step"])["median_ms"]
+                r["fraction_of_floor"] = row["floor_ms"] / t
         units_out.append(row)
     results["units"] = units_out
     results["models"] = models
