@@ -32,7 +32,12 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: runs with a limit, appends to th
 step environment 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
   $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())';
   nvcc --version | tail -n 2; nproc; git log -1 --format='commit %H %s' 2>/dev/null || true"
-step build 150 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 $PY setup.py build_ext --inplace
+# The system compiler: built with the image's /opt/gcc g++ (its CXX), every
+# C++ exception from the extension (a TORCH_CHECK on bad input) crashed the
+# process with a segfault on the H200 image (2026-11-27).
+step build 150 env CC="${CC_FOR_TORCH:-gcc}" CXX="${CXX_FOR_TORCH:-g++}" LDSHARED="${CXX_FOR_TORCH:-g++} -shared" \
+  MAX_JOBS="$(nproc)" \
+  TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 $PY setup.py build_ext --inplace
 # Errors raised from the C++ ops must reach Python as exceptions (one run
 # segfaulted here): check it alone first, with the C++ runtime it loaded.
 step exceptions 60 bash -c "ldd fused_preact/_C*.so | grep -Ei 'stdc|gcc_s|torch' ; which g++ c++ gcc; g++ --version | head -n1;

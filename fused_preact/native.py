@@ -151,9 +151,21 @@ def bn_relu_conv2d(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_w
     scale, shift = scale_shift(mean, invstd, bn_weight, bn_bias)
     a = ops.bn_relu(x, scale, shift)
     y = torch.nn.functional.conv2d(a, weight, None, stride, padding)
+    # The output keeps x's memory format (as the fake kernel says). cuDNN has
+    # no channels_last fp64 kernels: on CUDA, fp64 convs come back NCHW
+    # (seen on an H200, torch 2.11).
+    fmt = _memory_format(x)
+    if not y.is_contiguous(memory_format=fmt):
+        y = y.contiguous(memory_format=fmt)
     if residual is not None:
         y = y.add_(residual)
     return y
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @bn_relu_conv2d.register_fake
@@ -162,8 +174,7 @@ def _bn_relu_conv2d_fake(x, weight, mean, invstd, bn_weight, bn_bias, training, 
     k = weight.shape[-1]
     ho = (h + 2 * padding - k) // stride + 1
     wo = (w + 2 * padding - k) // stride + 1
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=fmt)
+    return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=_memory_format(x))
 
 
 def _unit_setup_context(ctx, inputs, output):
