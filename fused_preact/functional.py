@@ -104,59 +104,68 @@ def scale_shift(mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bi
     return scale, shift
 
 
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float,
-                         count: int) -> None:
-    """nn.BatchNorm2d's update: biased batch variance in, unbiased running variance."""
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        unbiased = var * (count / (count - 1)) if count > 1 else var
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-
-
 def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], *, training: bool,
-                     momentum: float, eps: float, backend: str = "native",
-                     batch: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, bool]:
-    """Fused paths: (mean, invstd, uses_batch_stats) for the BN in front of a
+                     momentum: float, eps: float) -> tuple[Tensor, Tensor, bool]:
+    """Native path: (mean, invstd, uses_batch_stats) for the BN in front of a
     unit, updating the running statistics in place when training. One pass
-    over x (none when ``batch`` = (mean, biased var) comes from the producer's
-    epilogue); the result can feed several units that share the
-    pre-activation (a projection shortcut and the first conv)."""
+    over x; the result can feed several units that share the pre-activation
+    (a projection shortcut and the first conv)."""
+    ops = torch.ops.fused_preact
     batch_stats = training or running_mean is None
-    count = x.numel() // x.shape[1]
-    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if batch_stats:
-        if batch is not None:
-            mean, var = batch
-        elif backend == "triton":
-            from . import triton_ops
-
-            mean, var = triton_ops.bn_stats(x.detach())
-        else:
-            mean, var = torch.ops.fused_preact.bn_stats(x.detach())
+        mean, var = ops.bn_stats(x.detach())
         if training and running_mean is not None:
-            if backend == "triton":
-                update_running_stats(running_mean, running_var, mean, var, momentum, count)
-            else:
-                torch.ops.fused_preact.update_running_stats(running_mean, running_var, mean, var, momentum, count)
+            ops.update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     else:
+        sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         mean, var = running_mean.to(sdt), running_var.to(sdt)
     return mean, torch.rsqrt(var + eps), batch_stats
 
 
-def fused_unit(x: Tensor, conv_weight: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
-               bn_bias: Optional[Tensor], batch_stats: bool, stride: int, padding: int, residual: Optional[Tensor],
-               backend: str, emit_stats: bool = False) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-    """One unit on a fused backend given its BN statistics: (y, (mean, biased
-    var) of y or None). Only "triton" emits the statistics (from the conv
-    epilogue); elsewhere the next unit computes them."""
+def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+               running_var: Optional[Tensor], *, training: bool, momentum: float, eps: float, backend: str,
+               batch: Optional[Tensor] = None) -> tuple[object, bool]:
+    """The BatchNorm in front of a unit on a fused backend: (state for
+    ``fused_unit``, uses batch statistics). Running statistics are updated
+    here, once, even when the state feeds two convs (unit 1 and a projection
+    shortcut share the pre-activation). ``batch``: x's [2, C] mean and biased
+    variance from the producer's epilogue (Triton), so x is not read again."""
+    batch_stats = training or running_mean is None
     if backend == "triton":
         from . import triton_ops
 
-        y, y_mean, y_var = triton_ops.bn_relu_conv2d(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats,
-                                                     stride, padding, residual, emit_stats)
-        return y, ((y_mean, y_var) if emit_stats else None)
+        bn = triton_ops.bn_prepare(x.detach(), batch, None if bn_weight is None else bn_weight.detach(),
+                                   None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
+                                   training, momentum, eps)
+        return bn, batch_stats
+    mean, invstd, batch_stats = batch_norm_stats(x, running_mean, running_var, training=training,
+                                                 momentum=momentum, eps=eps)
+    return (mean, invstd), batch_stats
+
+
+def unit_weight(weight: Tensor, x: Tensor, backend: str) -> Tensor:
+    """The conv weight as the backend takes it under autocast: Triton casts
+    while packing (one copy, gradient in the parameter's dtype); the native
+    path hands ATen's convolution a weight of x's dtype."""
+    return weight if backend == "triton" or weight.dtype == x.dtype else weight.to(x.dtype)
+
+
+def fused_unit(x: Tensor, conv_weight: Tensor, bn_state: object, bn_weight: Optional[Tensor],
+               bn_bias: Optional[Tensor], batch_stats: bool, stride: int, padding: int, residual: Optional[Tensor],
+               backend: str, emit_stats: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """One unit on a fused backend given its BN state from ``prepare_bn``:
+    (y, y's [2, K] mean and biased variance, or None). Only "triton" emits
+    the statistics (from the conv epilogue); elsewhere the next unit
+    computes them."""
+    if backend == "triton":
+        from . import triton_ops
+
+        y, stats = triton_ops.bn_relu_conv2d(x, conv_weight, bn_state, bn_weight, bn_bias, batch_stats, stride,
+                                             padding, residual, emit_stats)
+        return y, (stats if emit_stats else None)
     from . import native
 
+    mean, invstd = bn_state
     return native.bn_relu_conv2d(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride, padding,
                                  residual), None
 
@@ -192,9 +201,9 @@ def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], 
         y = F.conv2d(a, conv_weight, None, stride, padding)
         return y if residual is None else y + residual
 
-    x, conv_weight, residual = autocast_inputs(x, conv_weight, residual)
+    x, residual = autocast_inputs(x, residual)
     with torch.autocast(x.device.type, enabled=False):
-        mean, invstd, batch_stats = batch_norm_stats(x, running_mean, running_var, training=training,
-                                                     momentum=momentum, eps=eps, backend=backend)
-        return fused_unit(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride, padding, residual,
-                          backend)[0]
+        state, batch_stats = prepare_bn(x, bn_weight, bn_bias, running_mean, running_var, training=training,
+                                        momentum=momentum, eps=eps, backend=backend)
+        return fused_unit(x, unit_weight(conv_weight, x, backend), state, bn_weight, bn_bias, batch_stats, stride,
+                          padding, residual, backend)[0]

@@ -54,13 +54,13 @@ def _unit(name: str, bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: st
         return bn_relu_conv2d(x, conv.weight, bn.weight, bn.bias, running_mean, running_var,
                               training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps, stride=conv.stride[0],
                               padding=conv.padding[0], residual=residual, backend="torch", name=name), None
-    x, weight, residual = functional.autocast_inputs(x, conv.weight, residual)
+    x, residual = functional.autocast_inputs(x, residual)
     with torch.autocast(x.device.type, enabled=False):
-        mean, invstd, batch_stats = functional.batch_norm_stats(
-            x, running_mean, running_var, training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps,
-            backend=backend, batch=batch)
-        return functional.fused_unit(x, weight, mean, invstd, bn.weight, bn.bias, batch_stats, conv.stride[0],
-                                     conv.padding[0], residual, backend, emit_stats)
+        state, batch_stats = functional.prepare_bn(x, bn.weight, bn.bias, running_mean, running_var,
+                                                   training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps,
+                                                   backend=backend, batch=batch)
+        return functional.fused_unit(x, functional.unit_weight(conv.weight, x, backend), state, bn.weight, bn.bias,
+                                     batch_stats, conv.stride[0], conv.padding[0], residual, backend, emit_stats)
 
 
 def unit_decline_reason(bn: nn.Module, conv: nn.Module) -> Optional[str]:
@@ -149,14 +149,16 @@ class _FusedPreActBlock(nn.Module):
         for conv in (conv1, self.shortcut):
             functional.check_unit_inputs(name, x, conv.weight, bn1.weight, bn1.bias, running_mean, running_var,
                                          None, batch_stats)
-        x, w1, ws = functional.autocast_inputs(x, conv1.weight, self.shortcut.weight)
+        (x,) = functional.autocast_inputs(x)
+        w1 = functional.unit_weight(conv1.weight, x, backend)
+        ws = functional.unit_weight(self.shortcut.weight, x, backend)
         with torch.autocast(x.device.type, enabled=False):
-            mean, invstd, batch_stats = functional.batch_norm_stats(
-                x, running_mean, running_var, training=bn1.training, momentum=_bn_momentum(bn1), eps=bn1.eps,
-                backend=backend)
-            out, stats = functional.fused_unit(x, w1, mean, invstd, bn1.weight, bn1.bias, batch_stats,
-                                               conv1.stride[0], conv1.padding[0], None, backend, emit)
-            shortcut, _ = functional.fused_unit(x, ws, mean, invstd, bn1.weight, bn1.bias, batch_stats,
+            state, batch_stats = functional.prepare_bn(x, bn1.weight, bn1.bias, running_mean, running_var,
+                                                       training=bn1.training, momentum=_bn_momentum(bn1),
+                                                       eps=bn1.eps, backend=backend)
+            out, stats = functional.fused_unit(x, w1, state, bn1.weight, bn1.bias, batch_stats, conv1.stride[0],
+                                               conv1.padding[0], None, backend, emit)
+            shortcut, _ = functional.fused_unit(x, ws, state, bn1.weight, bn1.bias, batch_stats,
                                                 self.shortcut.stride[0], 0, None, backend)
         return out, stats, shortcut
 

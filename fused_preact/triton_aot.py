@@ -69,6 +69,8 @@ def _specialize(fn, dtype: str, constexprs: dict) -> tuple[dict, dict, dict]:
         elif name.endswith("_ptr"):
             sig[name] = "*" + (dtype if name in data_ptrs else stats)
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("momentum", "eps", "unbias"):
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
             if name in divisible:
@@ -132,6 +134,13 @@ def _small_kernels(dtype: str):
         for training in (False, True):
             yield ("bn_grad_input_kernel", "train" if training else "eval",
                    {"TRAINING": training, "IS_FP64": fp64, "BLOCK_M": 128, "BLOCK_C": bc}, 4)
+            yield ("bn_backward_finalize_kernel", "train" if training else "eval",
+                   {"TRAINING": training, "BLOCK_T": 64, "BLOCK_C": bc}, 4)
+        for partials, batch, update in ((True, True, True), (False, True, True), (False, False, False)):
+            yield ("bn_finalize_kernel", f"{'partials' if partials else 'moments'}"
+                   f"{'' if batch else ',eval'}{',update' if update else ''}",
+                   {"FROM_PARTIALS": partials, "BATCH_STATS": batch, "UPDATE_RUNNING": update, "HAS_GAMMA": True,
+                    "HAS_BETA": True, "BLOCK_T": 64, "BLOCK_C": bc, "IS_FP64": fp64}, 4)
 
 
 def _jobs(dtypes, all_configs: bool) -> list[tuple]:

@@ -12,6 +12,10 @@ GEMM are pixels m = (n, h, w) of the output (forward, wgrad) or of the input
 Kernels:
   channel_stats_partial   per (row tile, channel): mean and M2 of x
   merge_stats             Chan's merge of those partials -> mean, biased var
+  bn_finalize             merge (or read) the statistics, update the running
+                          statistics, emit mean/invstd/scale/shift: one launch
+  bn_backward_finalize    gamma/beta gradients and the folded BN-backward
+                          constants k1, k0 from the dgrad partials
   conv_fwd                y = conv(relu(x*scale + shift)) [+ residual],
                           optional per-tile mean/M2 partials of the written y
   conv_dgrad              ga = conv_transpose(gy, W); epilogue recomputes the
@@ -100,6 +104,110 @@ def merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, TILE
         total = new_total
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
     tl.store(var_ptr + offs_c, m2 / total, mask=mask_c)
+
+
+@triton.jit
+def bn_finalize_kernel(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
+                       out_ptr, M, C, TILES, ROWS_PER_TILE, momentum, eps, unbias,
+                       FROM_PARTIALS: tl.constexpr, BATCH_STATS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+                       HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
+    """Everything a BatchNorm needs before its unit runs, in one launch:
+    batch statistics (merged from per-tile partials, or read as mean/var
+    when FROM_PARTIALS is off), or the running statistics in eval; the
+    running-statistics update (momentum, unbiased variance); and the rows
+    out[0..3] = mean, invstd, scale = gamma*invstd, shift = beta - mean*scale."""
+    pid_c = tl.program_id(0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    if IS_FP64:
+        acc_dtype = tl.float64
+    else:
+        acc_dtype = tl.float32
+    if BATCH_STATS:
+        if FROM_PARTIALS:
+            total = tl.zeros((BLOCK_C,), dtype=acc_dtype)
+            mean = tl.zeros((BLOCK_C,), dtype=acc_dtype)
+            m2 = tl.zeros((BLOCK_C,), dtype=acc_dtype)
+            for t0 in range(0, TILES, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                mask_t = offs_t < TILES
+                cnt = tl.where(mask_t, tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(acc_dtype), 0.0)
+                mask = mask_t[:, None] & mask_c[None, :]
+                idx = offs_t[:, None] * C + offs_c[None, :]
+                mu = tl.load(mean_part_ptr + idx, mask=mask, other=0.0)
+                q = tl.load(m2_part_ptr + idx, mask=mask, other=0.0)
+                chunk_n = tl.sum(cnt, axis=0)
+                chunk_mean = tl.sum(mu * cnt[:, None], axis=0) / chunk_n
+                dev = tl.where(mask, mu - chunk_mean[None, :], 0.0)
+                chunk_m2 = tl.sum(q + dev * dev * cnt[:, None], axis=0)
+                new_total = total + chunk_n
+                delta = chunk_mean - mean
+                mean = mean + delta * (chunk_n / new_total)
+                m2 = m2 + chunk_m2 + delta * delta * (total * chunk_n / new_total)
+                total = new_total
+            var = m2 / total
+        else:  # mean/var given (rows 0 and 1 of the parts buffer)
+            mean = tl.load(mean_part_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
+            var = tl.load(m2_part_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
+        if UPDATE_RUNNING:
+            rm = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0)
+            rv = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0)
+            new_rm = rm.to(acc_dtype) * (1 - momentum) + mean * momentum
+            new_rv = rv.to(acc_dtype) * (1 - momentum) + var * unbias * momentum
+            tl.store(running_mean_ptr + offs_c, new_rm.to(rm.dtype), mask=mask_c)
+            tl.store(running_var_ptr + offs_c, new_rv.to(rv.dtype), mask=mask_c)
+    else:
+        mean = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
+        var = tl.load(running_var_ptr + offs_c, mask=mask_c, other=1.0).to(acc_dtype)
+    if IS_FP64:
+        invstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        invstd = 1.0 / tl.sqrt_rn(var + eps)  # IEEE-rounded, like torch.rsqrt's reference
+    scale = invstd
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
+    shift = -mean * scale
+    if HAS_BETA:
+        shift = shift + tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
+    tl.store(out_ptr + offs_c, mean, mask=mask_c)
+    tl.store(out_ptr + C + offs_c, invstd, mask=mask_c)
+    tl.store(out_ptr + 2 * C + offs_c, scale, mask=mask_c)
+    tl.store(out_ptr + 3 * C + offs_c, shift, mask=mask_c)
+
+
+@triton.jit
+def bn_backward_finalize_kernel(sum_gz_ptr, sum_gz_xhat_ptr, bn_ptr, out_ptr, M, C, TILES,
+                                TRAINING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sums the dgrad epilogue's per-tile partials and folds the BatchNorm
+    backward into per-channel constants: out rows = grad_gamma (sum gz*xhat),
+    grad_beta (sum gz), k1, k0 with gx = gz*scale + x*k1 + k0 (training; zero
+    in eval). bn rows: mean, invstd, scale, shift."""
+    pid_c = tl.program_id(0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    g_beta = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
+    g_gamma = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
+    for t0 in range(0, TILES, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask = (offs_t < TILES)[:, None] & mask_c[None, :]
+        idx = offs_t[:, None] * C + offs_c[None, :]
+        g_beta += tl.sum(tl.load(sum_gz_ptr + idx, mask=mask, other=0.0), axis=0)
+        g_gamma += tl.sum(tl.load(sum_gz_xhat_ptr + idx, mask=mask, other=0.0), axis=0)
+    tl.store(out_ptr + offs_c, g_gamma, mask=mask_c)
+    tl.store(out_ptr + C + offs_c, g_beta, mask=mask_c)
+    if TRAINING:
+        # gx = scale*(gz - g_beta/M - xhat*g_gamma/M), xhat = (x - mean)*invstd
+        mean = tl.load(bn_ptr + offs_c, mask=mask_c, other=0.0)
+        invstd = tl.load(bn_ptr + C + offs_c, mask=mask_c, other=0.0)
+        scale = tl.load(bn_ptr + 2 * C + offs_c, mask=mask_c, other=0.0)
+        k1 = -scale * g_gamma * invstd / M
+        k0 = -scale * g_beta / M - k1 * mean
+    else:
+        k1 = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
+        k0 = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + 2 * C + offs_c, k1, mask=mask_c)
+    tl.store(out_ptr + 3 * C + offs_c, k0, mask=mask_c)
 
 
 @triton.jit
@@ -287,7 +395,7 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     """Split-K weight gradient: program (tap, K tile, C tile, split) computes
     gy[rows, K]^T a[rows, C] over its share of the M = N*OH*OW output pixels,
     with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
-    and writes it to partials [SPLIT, KH*KW, K, C]; the launcher sums splits.
+    and writes it to partials [SPLIT, K, C, KH, KW]; the launcher sums splits.
     Here BLOCK_M is the reduction step, BLOCK_N tiles K, BLOCK_K tiles C."""
     pid_tap = tl.program_id(0)
     pid_kc = tl.program_id(1)
@@ -318,5 +426,8 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
         row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64)
         acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION)
-    out = part_ptr + ((pid_s * KH * KW + pid_tap) * K + offs_k.to(tl.int64))[:, None] * C + offs_c[None, :]
+    # Partials [SPLIT, K, C, KH, KW]: their sum over splits is the weight
+    # gradient in nn.Conv2d's own layout.
+    rows = (pid_s * K + offs_k.to(tl.int64)) * C
+    out = part_ptr + (rows[:, None] + offs_c[None, :]) * (KH * KW) + pid_tap
     tl.store(out, acc, mask=mask_k[:, None] & (offs_c < C)[None, :])

@@ -14,6 +14,7 @@ fp64 inputs); values are cast to the output dtype only on store.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from typing import Optional
@@ -29,6 +30,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # FUSED_PREACT_TRITON_AUTOTUNE=0: the first config of each set, no tuning
 # (fewer compiles: the GPU tests use it).
 AUTOTUNE = os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0"
+
+# Kernel launches by kernel name (benchmarks/count_launches.py reads it).
+LAUNCHES: "collections.Counter[str]" = collections.Counter()
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
@@ -125,10 +129,22 @@ def _tuned(kernel_name: str, config_key: tuple) -> object:
     return triton.autotune(configs=configs, key=["M", "C", "K", "H", "W", "OH", "OW"])(getattr(K, kernel_name))
 
 
+def _run(kernel_name: str, grid, *args, **kwargs) -> None:
+    """Launches a plain kernel (counted; under the interpreter marked in the
+    profiler, whose numpy copies are not GPU work)."""
+    LAUNCHES[kernel_name] += 1
+    if INTERPRET:
+        with torch.profiler.record_function("triton_interpreted_kernel"):
+            getattr(K, kernel_name)[grid](*args, **kwargs)
+    else:
+        getattr(K, kernel_name)[grid](*args, **kwargs)
+
+
 def _launch_gemm(kernel_name: str, grid, config_key: tuple, interpret_meta: dict, *args, **constexprs) -> None:
     if INTERPRET:
-        getattr(K, kernel_name)[grid](*args, **constexprs, **interpret_meta)
+        _run(kernel_name, grid, *args, **constexprs, **interpret_meta)
         return
+    LAUNCHES[kernel_name] += 1
     kind, *shape = config_key
     configs = _wgrad_configs(*shape) if kind == "wgrad" else _gemm_configs(*shape)
     if len(configs) == 1:
@@ -142,44 +158,95 @@ def _launch_gemm(kernel_name: str, grid, config_key: tuple, interpret_meta: dict
 # ------------------------------------------------------------- statistics
 
 
-def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, biased variance) of a 4-D x, stable for |mean| >> std."""
-    check_device(x)
+def _channel_partials(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Per-tile (mean, M2) partials of x per channel, and the rows per tile."""
     n, c, h, w = x.shape
     m = n * h * w
     sdt = stats_dtype(x)
-    mean = torch.empty(c, device=x.device, dtype=sdt)
-    var = torch.empty_like(mean)
-    if m == 0:
-        return mean.fill_(float("nan")), var.fill_(float("nan"))
     block_m = 64 if INTERPRET else 256
     block_c = _pow2(c, 16, 64 if INTERPRET else 32)
     tiles = triton.cdiv(m, block_m)
     mean_part = torch.empty((tiles, c), device=x.device, dtype=sdt)
     m2_part = torch.empty_like(mean_part)
-    K.channel_stats_partial_kernel[(tiles, triton.cdiv(c, block_c))](
-        x, mean_part, m2_part, m, c, h * w, w, *_strides(x), BLOCK_M=block_m, BLOCK_C=block_c,
-        IS_FP64=sdt == torch.float64)
-    merge_stats(mean_part, m2_part, m, block_m, mean, var)
-    return mean, var
+    _run("channel_stats_partial_kernel", (tiles, triton.cdiv(c, block_c)),
+         x, mean_part, m2_part, m, c, h * w, w, *_strides(x), BLOCK_M=block_m, BLOCK_C=block_c,
+         IS_FP64=sdt == torch.float64)
+    return mean_part, m2_part, block_m
+
+
+def channel_stats(x: Tensor) -> Tensor:
+    """[2, C]: per-channel mean and biased variance of a 4-D x, stable for |mean| >> std."""
+    check_device(x)
+    n, c, h, w = x.shape
+    stats = torch.empty((2, c), device=x.device, dtype=stats_dtype(x))
+    if x.numel() == 0:
+        return stats.fill_(float("nan"))
+    mean_part, m2_part, rows = _channel_partials(x)
+    merge_stats(mean_part, m2_part, n * h * w, rows, stats[0], stats[1])
+    return stats
 
 
 def merge_stats(mean_part: Tensor, m2_part: Tensor, count: int, rows_per_tile: int, mean: Tensor,
                 var: Tensor) -> None:
     tiles, c = mean_part.shape
     block_c = _pow2(c, 16, 64)
-    K.merge_stats_kernel[(triton.cdiv(c, block_c),)](
-        mean_part, m2_part, mean, var, count, c, tiles, rows_per_tile, BLOCK_T=32 if INTERPRET else 64,
-        BLOCK_C=block_c, IS_FP64=mean.dtype == torch.float64)
+    _run("merge_stats_kernel", (triton.cdiv(c, block_c),),
+         mean_part, m2_part, mean, var, count, c, tiles, rows_per_tile, BLOCK_T=32 if INTERPRET else 64,
+         BLOCK_C=block_c, IS_FP64=mean.dtype == torch.float64)
+
+
+def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
+               eps: float) -> Tensor:
+    """[4, C] rows mean, invstd, scale, shift for the BatchNorm in front of a
+    unit (nn.BatchNorm2d's rules: batch statistics when training or without
+    running statistics, which are then updated in place). ``batch_moments``:
+    x's [2, C] mean and biased variance when already known (emitted by the
+    producer's epilogue); otherwise they are computed from x. Two launches
+    at most: the partial statistics of x and one finalize."""
+    check_device(x)
+    n, c, h, w = x.shape
+    m = n * h * w
+    sdt = stats_dtype(x)
+    out = torch.empty((4, c), device=x.device, dtype=sdt)
+    batch_stats = training or running_mean is None
+    update = training and running_mean is not None
+    from_partials = batch_stats and batch_moments is None
+    if batch_stats and m == 0:
+        return out.fill_(float("nan"))
+    if from_partials:
+        mean_part, m2_part, rows = _channel_partials(x)
+    elif batch_stats:
+        mean_part, m2_part, rows = batch_moments[0], batch_moments[1], 1
+    else:
+        mean_part = m2_part = out
+        rows = 1
+    block_c = _pow2(c, 16, 64)
+    _run("bn_finalize_kernel", (triton.cdiv(c, block_c),),
+         mean_part, m2_part, gamma if gamma is not None else out, beta if beta is not None else out,
+         running_mean if running_mean is not None else out, running_var if running_var is not None else out,
+         out, m, c, mean_part.shape[0] if from_partials else 1, rows, float(momentum), float(eps),
+         m / (m - 1) if m > 1 else 1.0, FROM_PARTIALS=from_partials, BATCH_STATS=batch_stats,
+         UPDATE_RUNNING=update, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+         BLOCK_T=32 if INTERPRET else 64, BLOCK_C=block_c, IS_FP64=sdt == torch.float64)
+    return out
+
+
+def _pack(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """weight.permute(order) made contiguous in ``dtype``: one copy kernel
+    that also does autocast's cast."""
+    src = weight.permute(order)
+    return torch.empty(src.shape, device=weight.device, dtype=dtype).copy_(src)
 
 
 # ---------------------------------------------------------------- forward
 
 
-def conv_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: int, padding: int,
-                 residual: Optional[Tensor], emit_stats: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: int, residual: Optional[Tensor],
+                 emit_stats: bool) -> tuple[Tensor, Optional[Tensor]]:
     """y = conv2d(relu(x*scale + shift), weight) [+ residual] in x's memory
-    format; with ``emit_stats`` also the (mean, biased var) of y per channel."""
+    format (scale, shift = rows 2, 3 of ``bn``; weight cast to x's dtype);
+    with ``emit_stats`` also y's [2, K] mean and biased variance per channel."""
     check_device(x)
     n, c, h, w = x.shape
     k_out, _, kh, kw = weight.shape
@@ -187,104 +254,103 @@ def conv_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride
     m = n * oh * ow
     y = _like_layout((n, k_out, oh, ow), x)
     dot_dtype, precision, is_fp64 = _dot(x.dtype)
-    w_packed = weight.permute(2, 3, 1, 0).contiguous()  # [KH, KW, C, K]
     rows = ROWS_INTERPRET if INTERPRET else ROWS_GPU
     tiles = triton.cdiv(m, rows)
     sdt = stats_dtype(x)
-    mean_part = m2_part = mean = var = None
+    stats = torch.empty((2, k_out), device=x.device, dtype=sdt) if emit_stats else None
+    mean_part = m2_part = y
     if emit_stats:
         mean_part = torch.empty((tiles, k_out), device=x.device, dtype=sdt)
         m2_part = torch.empty_like(mean_part)
     if m > 0:
+        w_packed = _pack(weight, (2, 3, 1, 0), x.dtype)  # [KH, KW, C, K]
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * triton.cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64),
                      {"BLOCK_M": rows, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 16),
                       "GROUP_M": 4},
-                     x, w_packed, scale, shift, res, y, mean_part if emit_stats else y,
-                     m2_part if emit_stats else y, m, c, k_out, h, w, oh, ow, *_strides(x), *_strides(y),
-                     *_strides(res), STRIDE=stride, PAD=padding, KH=kh, KW=kw,
+                     x, w_packed, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
+                     *_strides(x), *_strides(y), *_strides(res), STRIDE=stride, PAD=padding, KH=kh, KW=kw,
                      HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
                      DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
-    if emit_stats:
-        mean = torch.empty(k_out, device=x.device, dtype=sdt)
-        var = torch.empty_like(mean)
-        if m > 0:
-            merge_stats(mean_part, m2_part, m, rows, mean, var)
-        else:
-            mean.fill_(float("nan")), var.fill_(float("nan"))
-    return y, mean, var
+        if emit_stats:
+            merge_stats(mean_part, m2_part, m, rows, stats[0], stats[1])
+    elif emit_stats:
+        stats.fill_(float("nan"))
+    return y, stats
 
 
 # --------------------------------------------------------------- backward
 
 
-def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor,
-                  shift: Tensor, training: bool, stride: int, padding: int, need_input_grads: bool,
-                  need_weight_grad: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor],
-                                                   Optional[Tensor]]:
-    """(grad_x, grad_weight, sum gz*xhat = grad_gamma, sum gz = grad_beta) of
-    y = conv(relu(x*scale + shift)); the activation is recomputed from x."""
+def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, training: bool, stride: int,
+                  padding: int, need_input_grads: bool,
+                  need_weight_grad: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(grad_x, grad_weight, [2, C] grad_gamma and grad_beta) of
+    y = conv(relu(x*scale + shift)) with ``bn`` = [4, C] mean, invstd, scale,
+    shift; the activation is recomputed from x. Launches: weight pack, dgrad
+    (epilogue: ReLU mask, gz, partial sums), finalize, gx; wgrad, split sum."""
     check_device(x)
     n, c, h, w = x.shape
     k_out, _, kh, kw = weight.shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
     dot_dtype, precision, is_fp64 = _dot(x.dtype)
     grad_y = grad_y.to(x.dtype)
-    grad_x = grad_w = sum_gz_xhat = sum_gz = None
+    grad_x = grad_w = bn_grads = None
     sdt = stats_dtype(x)
     if need_input_grads:
         m = n * h * w
         rows = ROWS_INTERPRET if INTERPRET else ROWS_GPU
         tiles = triton.cdiv(m, rows)
         gz = torch.empty_like(x)  # keeps x's dense layout (channels_last or contiguous)
-        if not (gz.stride() == x.stride()):
+        if gz.stride() != x.stride():
             x = x.contiguous(memory_format=_format_of(gz))
-        part_gz = torch.zeros((tiles, c), device=x.device, dtype=sdt)
-        part_gz_xhat = torch.zeros_like(part_gz)
+        part_gz = torch.empty((tiles, c), device=x.device, dtype=sdt)
+        part_gz_xhat = torch.empty_like(part_gz)
+        out = torch.empty((4, c), device=x.device, dtype=sdt)  # grad_gamma, grad_beta, k1, k0
         if m > 0:
-            w_packed = weight.permute(2, 3, 0, 1).contiguous()  # [KH, KW, K, C]
+            w_packed = _pack(weight, (2, 3, 0, 1), x.dtype)  # [KH, KW, K, C]
             grid = lambda meta: (tiles * triton.cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
                           "GROUP_M": 4},
-                         grad_y, w_packed, x, scale, shift, mean, invstd, gz, part_gz, part_gz_xhat,
+                         grad_y, w_packed, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
                          m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
                          INPUT_PRECISION=precision)
-        sum_gz = part_gz.sum(0)
-        sum_gz_xhat = part_gz_xhat.sum(0)
-        if training:
-            # gx = scale*(gz - sum_gz/M - xhat*sum_gz_xhat/M) = gz*scale + x*k1 + k0
-            k1 = -scale * sum_gz_xhat * invstd / max(m, 1)
-            k0 = -scale * sum_gz / max(m, 1) - k1 * mean
+            block_c = _pow2(c, 16, 64)
+            _run("bn_backward_finalize_kernel", (triton.cdiv(c, block_c),),
+                 part_gz, part_gz_xhat, bn, out, m, c, tiles, TRAINING=training,
+                 BLOCK_T=32 if INTERPRET else 64, BLOCK_C=block_c)
+            block_m = 64 if INTERPRET else 128
+            _run("bn_grad_input_kernel", (triton.cdiv(m, block_m), triton.cdiv(c, block_c)),
+                 gz, x, gz, bn[2], out[2], out[3], m, c, h * w, w, *_strides(x), TRAINING=training,
+                 IS_FP64=is_fp64, BLOCK_M=block_m, BLOCK_C=block_c)
         else:
-            k1 = k0 = scale
-        block_m, block_c = (64, _pow2(c, 16, 64)) if INTERPRET else (128, _pow2(c, 16, 64))
-        if m > 0:
-            K.bn_grad_input_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, block_c))](
-                gz, x, gz, scale, k1, k0, m, c, h * w, w, *_strides(x), TRAINING=training, IS_FP64=is_fp64,
-                BLOCK_M=block_m, BLOCK_C=block_c)
-        grad_x = gz
+            out.zero_()
+        grad_x, bn_grads = gz, out[:2]
     if need_weight_grad:
         m = n * oh * ow
         tiles = kh * kw * triton.cdiv(k_out, _pow2(k_out, 16, 128)) * triton.cdiv(c, _pow2(c, 16, 64))
         # Enough programs to fill a GPU (~132 SMs x 2) without tiny splits.
         split = 1 if INTERPRET else max(1, min(triton.cdiv(m, 512), triton.cdiv(264, max(tiles, 1))))
-        part = torch.empty((split, kh * kw, k_out, c), device=x.device, dtype=sdt)
+        part = torch.empty((split, k_out, c, kh, kw), device=x.device, dtype=sdt)
         if m > 0:
             grid = lambda meta: (kh * kw, triton.cdiv(k_out, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_K"]),  # noqa: E731
                                  split)
             _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
-                         x, grad_y, scale, shift, part, m, c, k_out, h, w, oh, ow, split,
+                         x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
                          *_strides(x), *_strides(grad_y), STRIDE=stride, PAD=padding, KH=kh, KW=kw,
                          IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
         else:
             part.zero_()
-        grad_w = part.sum(0).view(kh, kw, k_out, c).permute(2, 3, 0, 1).to(weight.dtype)
-        grad_w = grad_w.contiguous(memory_format=_format_of(weight))
-    return grad_x, grad_w, sum_gz_xhat, sum_gz
+        grad_w = part[0] if split == 1 else part.sum(0)
+        if grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        if _format_of(weight) != torch.contiguous_format:
+            grad_w = grad_w.contiguous(memory_format=_format_of(weight))
+    return grad_x, grad_w, bn_grads
 
 
 def _format_of(t: Tensor) -> torch.memory_format:

@@ -1,16 +1,25 @@
-"""The "triton" backend as torch ops: ``fused_preact::triton_bn_stats``,
-``fused_preact::triton_bn_relu_conv2d`` and its backward op, each with a fake
-implementation so ``torch.compile`` treats it as one opaque op, and autograd
-registered on the unit.
+"""The "triton" backend as torch ops, each with a fake implementation so
+``torch.compile`` treats it as one opaque op:
 
-The unit saves only x, the weight and per-channel vectors; backward recomputes
-the activation (dgrad epilogue for the ReLU mask and the BN-backward sums,
-wgrad prologue for the activation itself). In training, mean/invstd must be
-x's own batch statistics (the backward differentiates through them with the
-fused BN formula); they receive no gradient of their own. The optional
-``emit_stats`` outputs (mean and biased variance of y, from the epilogue) are
-not differentiable: they feed the next unit's BatchNorm, whose own backward
-accounts for its statistics.
+  fused_preact::triton_bn_stats(x) -> [2, C] mean, biased variance
+  fused_preact::triton_bn_prepare(x, batch_moments?, gamma?, beta?,
+      running_mean?, running_var?, training, momentum, eps) -> [4, C]
+      mean, invstd, scale, shift; updates the running statistics in place
+  fused_preact::triton_bn_relu_conv2d(x, weight, bn, gamma?, beta?, training,
+      stride, padding, residual?, emit_stats) -> (y, [2, K] or empty)
+  fused_preact::triton_bn_relu_conv2d_backward(...) -> (gx, gw, [2, C] grads)
+
+The unit saves only x, the weight and the [4, C] vectors; backward
+recomputes the activation (dgrad epilogue for the ReLU mask and the
+BN-backward sums, wgrad prologue for the activation itself). In training,
+``bn`` must hold x's own batch statistics (the backward differentiates
+through them with the fused BN formula). gamma and beta are inputs of the
+unit only so that autograd routes their gradients; their values are already
+folded into ``bn``. The optional emitted statistics (of y, from the conv
+epilogue) are not differentiable: they feed the next unit's BatchNorm, whose
+own backward accounts for its statistics. The weight may be fp32 under
+autocast: the kernels cast it while packing it, and its gradient comes back
+in its own dtype.
 
 Importing this module imports Triton (see ``triton_launch`` for when the
 kernels run on CPU tensors).
@@ -24,31 +33,42 @@ import torch
 from torch import Tensor
 
 from . import triton_launch as L
-from .functional import scale_shift
+
+
+def _bn_shape(x: Tensor) -> tuple[int, ...]:
+    return (4, x.shape[1])
 
 
 @torch.library.custom_op("fused_preact::triton_bn_stats", mutates_args=())
-def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, biased variance) of x, fp32 (fp64 for fp64 x)."""
+def bn_stats(x: Tensor) -> Tensor:
+    """[2, C]: per-channel mean and biased variance of x, fp32 (fp64 for fp64 x)."""
     return L.channel_stats(x)
 
 
 @bn_stats.register_fake
 def _bn_stats_fake(x):
-    v = x.new_empty((x.shape[1],), dtype=L.stats_dtype(x))
-    return v, torch.empty_like(v)
+    return x.new_empty((2, x.shape[1]), dtype=L.stats_dtype(x))
+
+
+@torch.library.custom_op("fused_preact::triton_bn_prepare", mutates_args=("running_mean", "running_var"))
+def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
+               eps: float) -> Tensor:
+    return L.bn_prepare(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps)
+
+
+@bn_prepare.register_fake
+def _bn_prepare_fake(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps):
+    return x.new_empty(_bn_shape(x), dtype=L.stats_dtype(x))
 
 
 @torch.library.custom_op("fused_preact::triton_bn_relu_conv2d", mutates_args=())
-def bn_relu_conv2d(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
-                   bn_bias: Optional[Tensor], training: bool, stride: int, padding: int,
-                   residual: Optional[Tensor], emit_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean of y, biased var of y); the last two are empty unless emit_stats."""
-    scale, shift = scale_shift(mean, invstd, bn_weight, bn_bias)
-    y, y_mean, y_var = L.conv_forward(x, weight, scale, shift, stride, padding, residual, emit_stats)
-    if not emit_stats:
-        y_mean, y_var = mean.new_empty((0,)), mean.new_empty((0,))  # distinct: outputs may not alias
-    return y, y_mean, y_var
+def bn_relu_conv2d(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                   training: bool, stride: int, padding: int, residual: Optional[Tensor],
+                   emit_stats: bool) -> tuple[Tensor, Tensor]:
+    """(y, y's [2, K] mean and biased variance, or an empty tensor unless emit_stats)."""
+    y, stats = L.conv_forward(x, weight, bn, stride, padding, residual, emit_stats)
+    return y, (stats if stats is not None else bn.new_empty((0,)))
 
 
 def _output_shape(x, weight, stride, padding):
@@ -57,58 +77,58 @@ def _output_shape(x, weight, stride, padding):
     return n, weight.shape[0], (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @bn_relu_conv2d.register_fake
-def _bn_relu_conv2d_fake(x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual,
-                         emit_stats):
-    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-           else torch.contiguous_format)
-    y = x.new_empty(_output_shape(x, weight, stride, padding)).contiguous(memory_format=fmt)
-    stats = mean.new_empty((weight.shape[0] if emit_stats else 0,))
-    return y, stats, torch.empty_like(stats)
+def _bn_relu_conv2d_fake(x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats):
+    y = x.new_empty(_output_shape(x, weight, stride, padding)).contiguous(memory_format=_memory_format(x))
+    return y, bn.new_empty((2, weight.shape[0]) if emit_stats else (0,))
 
 
 @torch.library.custom_op("fused_preact::triton_bn_relu_conv2d_backward", mutates_args=())
-def bn_relu_conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
-                            bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], training: bool, stride: int,
+def bn_relu_conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, training: bool, stride: int,
                             padding: int, need_input_grads: bool,
-                            need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_weight, grad_gamma, grad_beta); empty where not asked."""
-    scale, shift = scale_shift(mean, invstd, bn_weight, bn_bias)
-    gx, gw, g_gamma, g_beta = L.conv_backward(grad_y, x, weight, mean, invstd, scale, shift, training, stride,
-                                              padding, need_input_grads, need_weight_grad)
+                            need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, [2, C] grad_gamma and grad_beta); empty where not asked."""
+    gx, gw, bn_grads = L.conv_backward(grad_y, x, weight, bn, training, stride, padding, need_input_grads,
+                                       need_weight_grad)
     return (gx if gx is not None else x.new_empty((0,)), gw if gw is not None else weight.new_empty((0,)),
-            g_gamma if g_gamma is not None else mean.new_empty((0,)),
-            g_beta if g_beta is not None else mean.new_empty((0,)))
+            bn_grads if bn_grads is not None else bn.new_empty((0,)))
 
 
 @bn_relu_conv2d_backward.register_fake
-def _bn_relu_conv2d_backward_fake(grad_y, x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding,
-                                  need_input_grads, need_weight_grad):
-    c = x.shape[1]
+def _bn_relu_conv2d_backward_fake(grad_y, x, weight, bn, training, stride, padding, need_input_grads,
+                                  need_weight_grad):
     return (torch.empty_like(x) if need_input_grads else x.new_empty((0,)),
             torch.empty_like(weight) if need_weight_grad else weight.new_empty((0,)),
-            mean.new_empty((c if need_input_grads else 0,)), mean.new_empty((c if need_input_grads else 0,)))
+            bn.new_empty((2, x.shape[1]) if need_input_grads else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual, emit_stats = inputs
-    ctx.save_for_backward(x, weight, mean, invstd, bn_weight, bn_bias)
+    x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats = inputs
+    ctx.save_for_backward(x, weight, bn)
     ctx.training, ctx.stride, ctx.padding = training, stride, padding
     ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.gamma_dtype = bn_weight.dtype if bn_weight is not None else None
+    ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_var):
-    x, weight, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_stats):
+    x, weight, bn = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_gamma = bn_weight is not None and ctx.needs_input_grad[4]
-    need_beta = bn_bias is not None and ctx.needs_input_grad[5]
+    need_gamma = ctx.gamma_dtype is not None and ctx.needs_input_grad[3]
+    need_beta = ctx.beta_dtype is not None and ctx.needs_input_grad[4]
     need_bn = need_x or need_gamma or need_beta
-    gx, gw, g_gamma, g_beta = bn_relu_conv2d_backward(grad_y, x, weight, mean, invstd, bn_weight, bn_bias,
-                                                      ctx.training, ctx.stride, ctx.padding, need_bn, need_w)
-    return (gx if need_x else None, gw if need_w else None, None, None,
-            g_gamma.to(bn_weight.dtype) if need_gamma else None,
-            g_beta.to(bn_bias.dtype) if need_beta else None,
+    gx, gw, bn_grads = bn_relu_conv2d_backward(grad_y, x, weight, bn, ctx.training, ctx.stride, ctx.padding,
+                                               need_bn, need_w)
+    return (gx if need_x else None, gw if need_w else None, None,
+            bn_grads[0].to(ctx.gamma_dtype) if need_gamma else None,
+            bn_grads[1].to(ctx.beta_dtype) if need_beta else None,
             None, None, None, grad_y if ctx.has_residual else None, None)
 
 

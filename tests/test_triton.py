@@ -147,9 +147,9 @@ def test_batch_stats_of_a_non_contiguous_input():
 @pytest.mark.parametrize("residual", [False, True])
 def test_emitted_statistics_are_those_of_the_output(dtype, residual):
     inp, pad = _inputs(3, 5, 9, 7, 6, 3, 2, dtype, "channels_last", residual)
-    mean, invstd = inp["x"].mean((0, 2, 3)), inp["x"].var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
-    y, y_mean, y_var = triton_ops.bn_relu_conv2d(inp["x"], inp["weight"], mean, invstd, inp["gamma"], inp["beta"],
-                                                 True, 2, pad, inp["residual"], True)
+    bn = triton_ops.bn_prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+    y, (y_mean, y_var) = triton_ops.bn_relu_conv2d(inp["x"], inp["weight"], bn, inp["gamma"], inp["beta"], True, 2,
+                                                   pad, inp["residual"], True)
     y64 = y.double()
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(y_mean.double(), y64.mean((0, 2, 3)), rtol=tol, atol=tol)
@@ -178,11 +178,14 @@ def test_gradcheck_float64(training, ksize, stride):
 
 def test_opcheck():
     inp, pad = _inputs(2, 3, 4, 4, 4, 3, 1, REF_DTYPE, "channels_last", True)
-    mean, invstd = inp["x"].mean((0, 2, 3)), inp["x"].var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
-    args = (inp["x"].requires_grad_(), inp["weight"].requires_grad_(), mean, invstd,
-            inp["gamma"].requires_grad_(), inp["beta"], True, 1, pad, inp["residual"], True)
+    bn = triton_ops.bn_prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+    args = (inp["x"].requires_grad_(), inp["weight"].requires_grad_(), bn, inp["gamma"].requires_grad_(),
+            inp["beta"], True, 1, pad, inp["residual"], True)
     torch.library.opcheck(triton_ops.bn_relu_conv2d, args)
     torch.library.opcheck(triton_ops.bn_stats, (inp["x"].detach(),))
+    for training in (True, False):
+        torch.library.opcheck(triton_ops.bn_prepare, (inp["x"].detach(), None, inp["gamma"].detach(), inp["beta"],
+                                                      inp["running_mean"], inp["running_var"], training, 0.1, 1e-5))
 
 
 def _model_tol():
