@@ -412,6 +412,9 @@ def write_report(results: dict, out_dir: str) -> str:
                     f"{u['providers'][p]['train_step']['median_ms']:.3f}" if p in u["providers"] else "-"
                     for p in provs) + " |")
             lines.append("")
+    if "peak_rss_bytes" in results:
+        lines += [f"Process peak RSS (all providers together): {_fmt_bytes(results['peak_rss_bytes'])}; "
+                  f"run time {results.get('seconds', 0):.0f} s.", ""]
     errors = results.get("errors", [])
     if errors:
         lines += ["## Errors", ""] + [f"- {e}" for e in errors] + [""]
@@ -558,6 +561,7 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
+    started = time.time()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")
@@ -565,7 +569,7 @@ def main(argv=None) -> int:
     suites = (args.suite or ("units,cifar" if device == "cpu" else "units,cifar,imagenet")).split(",")
     dtype = DTYPES[args.dtype or ("float32" if device == "cpu" else "bfloat16")]
     explicit = args.providers is not None
-    providers = (args.providers or ",".join(p for p in PROVIDERS if not (p == "compile" and device == "cpu")))
+    providers = args.providers or ",".join(PROVIDERS)
     providers = [p.strip() for p in providers.split(",") if p.strip()]
     for p in providers:
         if p not in PROVIDERS:
@@ -594,7 +598,10 @@ def main(argv=None) -> int:
             shapes += [s for s in resnetv2_50_units() if not small or s.size <= 28]
         for s in shapes:
             for p in providers:
-                work.append(("unit", s, p))
+                # torch.compile of each unit costs 10-20 s of compilation:
+                # only when asked for by name.
+                if p != "compile" or explicit:
+                    work.append(("unit", s, p))
     for suite in ("cifar", "imagenet"):
         if suite in suites:
             for p in providers:
@@ -672,6 +679,13 @@ def main(argv=None) -> int:
         units_out.append(row)
     results["units"] = units_out
     results["models"] = models
+    try:
+        import resource
+        # Process-wide (all providers together), in bytes.
+        results["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:  # not on every OS
+        pass
+    results["seconds"] = time.time() - started
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     report = write_report(results, args.out)
