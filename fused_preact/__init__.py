@@ -12,6 +12,7 @@ import os
 import torch
 
 from . import _extension, reference
+from .blocks import BlockSpec, register_block, unregister_block
 from .functional import bn_relu_conv2d
 from .modules import (
     ConversionReport,
@@ -29,6 +30,7 @@ if _extension.load():
     from . import native  # noqa: F401  (registers fake kernels and autograd of the C++ ops)
 
 __all__ = [
+    "BlockSpec",
     "ConversionReport",
     "FusedBNReLUConv2d",
     "FusedPreActBasicBlock",
@@ -41,7 +43,9 @@ __all__ = [
     "preact_resnet_cifar",
     "preact_resnet_imagenet",
     "reference",
+    "register_block",
     "unconvert",
+    "unregister_block",
 ]
 
 

@@ -81,7 +81,7 @@ def check_unit_inputs(name: str, x: Tensor, conv_weight: Tensor, bn_weight: Opti
                      ("running_mean", running_mean), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{name}: input is on {x.device} but {label} is on {t.device}")
-    if conv_weight.dtype != x.dtype and not torch.is_autocast_enabled():
+    if conv_weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         raise RuntimeError(f"{name}: input dtype {x.dtype} does not match the convolution weight dtype "
                            f"{conv_weight.dtype}")
     if batch_stats and x.numel() // max(channels, 1) <= 1 and x.numel() > 0:

@@ -11,13 +11,15 @@ one running-stat update) and the last unit adds the shortcut in its epilogue.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import functional, reference
+from . import blocks, functional, reference
+from .blocks import unit_decline_reason
 from .functional import bn_relu_conv2d, resolve_backend
 
 
@@ -63,25 +65,6 @@ def _unit(name: str, bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: st
                                      batch_stats, conv.stride[0], conv.padding[0], residual, backend, emit_stats)
 
 
-def unit_decline_reason(bn: nn.Module, conv: nn.Module) -> Optional[str]:
-    """Why a (BatchNorm2d, Conv2d) pair cannot run fused, or None."""
-    if not isinstance(bn, nn.BatchNorm2d):
-        return f"norm is {type(bn).__name__}, not BatchNorm2d"
-    if not isinstance(conv, nn.Conv2d):
-        return f"conv is {type(conv).__name__}, not Conv2d"
-    if conv.groups != 1:
-        return f"conv has groups={conv.groups}"
-    if conv.dilation != (1, 1):
-        return f"conv has dilation={conv.dilation}"
-    if conv.bias is not None:
-        return "conv has a bias"
-    if conv.kernel_size not in ((1, 1), (3, 3)) or conv.padding != (conv.kernel_size[0] // 2,) * 2:
-        return f"conv is {conv.kernel_size} with padding {conv.padding} (1x1/pad 0 and 3x3/pad 1 only)"
-    if conv.stride[0] != conv.stride[1] or conv.padding_mode != "zeros":
-        return "conv has an unsupported stride or padding mode"
-    return None
-
-
 class FusedBNReLUConv2d(nn.Module):
     """BatchNorm2d → ReLU → Conv2d as one fused unit; state_dict keys
     ``bn.*`` and ``conv.*``."""
@@ -122,45 +105,14 @@ class _FusedPreActBlock(nn.Module):
         n = 3 if hasattr(self, "conv3") else 2
         return [(getattr(self, f"bn{i}"), getattr(self, f"conv{i}")) for i in range(1, n + 1)]
 
+    def _spec(self) -> blocks.BlockSpec:
+        return _REFERENCE_SPECS[3 if hasattr(self, "conv3") else 2]
+
     def forward(self, x: Tensor) -> Tensor:
-        name = type(self).__name__
         backend = resolve_backend(self.backend, x)
         if backend == "torch":
             return self._forward_torch(x)
-        # Statistics flow: on Triton each conv's epilogue emits the batch
-        # statistics of its output, so the next BN needs no pass of its own.
-        pairs = self._pairs()
-        emit = backend == "triton" and any(bn.training or not bn.track_running_stats for bn, _ in pairs[1:])
-        if hasattr(self, "shortcut"):
-            out, stats, shortcut = self._first_unit_and_projection(name, x, backend, emit)
-        else:
-            (out, stats), shortcut = _unit(name, *pairs[0], x, backend, emit_stats=emit), x
-        for bn, conv in pairs[1:-1]:
-            out, stats = _unit(name, bn, conv, out, backend, batch=stats, emit_stats=emit)
-        bn, conv = pairs[-1]
-        return _unit(name, bn, conv, out, backend, residual=shortcut, batch=stats)[0]
-
-    def _first_unit_and_projection(self, name: str, x: Tensor, backend: str, emit: bool):
-        """Unit 1 and the projection read the same pre-activation relu(bn1(x)):
-        one statistics pass and one running-stat update feed both convs."""
-        bn1, conv1 = self._pairs()[0]
-        running_mean, running_var = _running(bn1)
-        batch_stats = bn1.training or running_mean is None
-        for conv in (conv1, self.shortcut):
-            functional.check_unit_inputs(name, x, conv.weight, bn1.weight, bn1.bias, running_mean, running_var,
-                                         None, batch_stats)
-        (x,) = functional.autocast_inputs(x)
-        w1 = functional.unit_weight(conv1.weight, x, backend)
-        ws = functional.unit_weight(self.shortcut.weight, x, backend)
-        with torch.autocast(x.device.type, enabled=False):
-            state, batch_stats = functional.prepare_bn(x, bn1.weight, bn1.bias, running_mean, running_var,
-                                                       training=bn1.training, momentum=_bn_momentum(bn1),
-                                                       eps=bn1.eps, backend=backend)
-            out, stats = functional.fused_unit(x, w1, state, bn1.weight, bn1.bias, batch_stats, conv1.stride[0],
-                                               conv1.padding[0], None, backend, emit)
-            shortcut, _ = functional.fused_unit(x, ws, state, bn1.weight, bn1.bias, batch_stats,
-                                                self.shortcut.stride[0], 0, None, backend)
-        return out, stats, shortcut
+        return blocks.fused_block_forward(self, self._spec(), backend, x)
 
     def _forward_torch(self, x: Tensor) -> Tensor:
         return reference._PreActBlockBase.forward(self, x)  # type: ignore[arg-type]
@@ -172,15 +124,8 @@ class _FusedPreActBlock(nn.Module):
             return f"placement {getattr(block, 'placement', None)!r} (only 'full_preact' is fused)"
         if getattr(block, "variant", None) != "identity":
             return f"shortcut_type {block.shortcut_type!r} (identity and projection shortcuts only)"
-        for bn, conv in cls._pairs(block):  # type: ignore[arg-type]
-            reason = unit_decline_reason(bn, conv)
-            if reason:
-                return reason
-        if hasattr(block, "shortcut"):
-            reason = unit_decline_reason(block.bn1, block.shortcut)
-            if reason:
-                return "shortcut " + reason
-        return None
+        spec = _REFERENCE_SPECS[3 if hasattr(block, "conv3") else 2]
+        return blocks.decline_reason(block, spec)
 
     @classmethod
     def from_reference(cls, block: nn.Module, backend: str = "auto") -> "_FusedPreActBlock":
@@ -193,6 +138,12 @@ class _FusedPreActBlock(nn.Module):
         ref = _retype(self, self.reference_cls)
         del ref.backend
         return ref
+
+
+_REFERENCE_SPECS = {
+    n: blocks.BlockSpec(tuple((f"bn{i}", f"conv{i}") for i in range(1, n + 1)), projection="shortcut")
+    for n in (2, 3)
+}
 
 
 class FusedPreActBasicBlock(_FusedPreActBlock, reference.PreActBasicBlock):
@@ -232,20 +183,34 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _replace(model: nn.Module, mapping: dict, backend: Optional[str], report: ConversionReport,
-             inverse: bool) -> nn.Module:
+def _replace(model: nn.Module, backend: Optional[str], report: ConversionReport, inverse: bool) -> nn.Module:
     for path, module in list(model.named_modules()):
         cls = type(module)
-        if cls not in mapping:
-            continue
         if inverse:
-            new = module.to_reference()
-        else:
-            reason = mapping[cls].decline_reason(module)
+            if cls in _FUSED_FOR.values():
+                new = module.to_reference()
+            elif getattr(cls, "_fused_original_cls", None) is not None and cls is blocks.fused_class(
+                    cls._fused_original_cls):
+                new = _retype(module, cls._fused_original_cls)
+                for attr in ("_fused_backend", "_fused_spec"):
+                    new.__dict__.pop(attr, None)
+            else:
+                continue
+        elif cls in _FUSED_FOR:
+            reason = _FUSED_FOR[cls].decline_reason(module)
             if reason:
                 report.declined[path or "."] = reason
                 continue
-            new = mapping[cls].from_reference(module, backend)
+            new = _FUSED_FOR[cls].from_reference(module, backend)
+        else:
+            spec = blocks.spec_for(cls)
+            if spec is None:
+                continue
+            reason = blocks.decline_reason(module, spec)
+            if reason:
+                report.declined[path or "."] = f"{cls.__name__}: {reason}"
+                continue
+            new = _retype(module, blocks.fused_class(cls), _fused_backend=backend, _fused_spec=spec)
         report.converted.append(path or ".")
         if not path:
             return new
@@ -257,15 +222,21 @@ def _replace(model: nn.Module, mapping: dict, backend: Optional[str], report: Co
 def convert(model: nn.Module, backend: str = "auto", report: Optional[ConversionReport] = None) -> nn.Module:
     """Replaces, in place, every supported pre-activation block of ``model``
     by its fused twin, reusing the same parameters and buffers (optimizers
-    and checkpoints keep working). Returns the model (a new object only when
-    ``model`` itself is a block). Pass a ``ConversionReport`` to learn what was
-    converted and what was declined and why."""
+    and checkpoints keep working): the reference blocks, timm's resnetv2
+    ``PreActBottleneck``/``PreActBasic`` with BatchNorm, and classes described
+    with ``register_block``. Returns the model (a new object only when
+    ``model`` itself is a block). Pass a ``ConversionReport`` to learn what
+    was converted and what was declined and why; the summary is also logged
+    (logger ``fused_preact``)."""
     if backend not in functional.BACKENDS:
         raise ValueError(f"backend must be one of {functional.BACKENDS}, got {backend!r}")
-    return _replace(model, _FUSED_FOR, backend, report if report is not None else ConversionReport(), False)
+    report = report if report is not None else ConversionReport()
+    model = _replace(model, backend, report, False)
+    logging.getLogger("fused_preact").info("convert: %s", report)
+    return model
 
 
 def unconvert(model: nn.Module) -> nn.Module:
-    """The inverse of ``convert``: fused blocks back to reference blocks."""
-    inverse = {fused: fused for fused in _FUSED_FOR.values()}
-    return _replace(model, inverse, None, ConversionReport(), True)
+    """The inverse of ``convert``: fused blocks back to their original classes
+    (the same submodules)."""
+    return _replace(model, None, ConversionReport(), True)

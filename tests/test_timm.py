@@ -1,0 +1,119 @@
+"""convert() on timm's resnetv2 models: the converted model equals the
+original (outputs, every gradient, running statistics after SGD steps, eval
+outputs), keeps the same parameters and state_dict keys, goes back with
+unconvert(), and declines what it cannot fuse with a reason."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_preact
+
+timm = pytest.importorskip("timm")
+pytestmark = pytest.mark.skipif(not fused_preact.backends()["native"]["available"],
+                                reason="fused_preact._C is not built")
+
+
+def _model(name, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _blocks(model):
+    return [m for m in model.modules() if type(m).__name__ in ("PreActBottleneck", "PreActBasic")]
+
+
+def _train_and_compare(ref, fused, size, steps=2, channels_last=True, seed_each_step=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref, fused = ref.to(memory_format=fmt), fused.to(memory_format=fmt)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, fused)]
+    for step in range(steps):
+        x = torch.randn(2, 3, size, size, dtype=torch.float64).to(memory_format=fmt)
+        outs = []
+        for model, opt in zip((ref, fused), opts):
+            if seed_each_step:
+                torch.manual_seed(100 + step)  # DropPath draws the same masks in both
+            opt.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            outs.append(out)
+        assert (outs[1] - outs[0]).abs().max() / outs[0].abs().max() < 1e-7, f"outputs, step {step}"
+        for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+            # fp64 rounding through 16+ blocks of BatchNorm backward: relative
+            # to the largest entry of each gradient.
+            err = (b.grad - a.grad).abs().max() / a.grad.abs().max().clamp_min(1e-30)
+            assert err < 1e-7, f"{name}: relative error {err:.2e}"
+        for opt in opts:
+            opt.step()
+    for (name, a), b in zip(ref.named_buffers(), fused.buffers()):
+        if not a.is_floating_point():
+            assert torch.equal(a, b), name  # num_batches_tracked
+            continue
+        err = (b - a).abs().max() / a.abs().max().clamp_min(1e-30)
+        assert err < 1e-8, f"{name}: relative error {err:.2e}"
+    ref.eval()
+    fused.eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = ref(x), fused(x)
+    assert (b - a).abs().max() / a.abs().max() < 1e-7, "eval outputs"
+
+
+@pytest.mark.parametrize("name", ["resnetv2_18", "resnetv2_50", "resnetv2_50d"])
+def test_converted_timm_model_trains_like_the_original(name):
+    ref = _model(name)
+    fused = copy.deepcopy(ref)
+    report = fused_preact.ConversionReport()
+    fused_preact.convert(fused, backend="native", report=report)
+    assert len(report.converted) == len(_blocks(ref)) and not report.declined, report
+    assert all(type(b).__name__.startswith("Fused") for b in _blocks(fused))
+    _train_and_compare(ref, fused, size=48)
+
+
+def test_drop_path_keeps_working():
+    ref = _model("resnetv2_18", drop_path_rate=0.2)
+    fused = fused_preact.convert(copy.deepcopy(ref), backend="native")
+    _train_and_compare(ref, fused, size=32, seed_each_step=True)
+
+
+def test_same_parameters_state_dict_and_inverse():
+    model = _model("resnetv2_50")
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # created before conversion
+    fused_preact.convert(model, backend="native")
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    before = model.stages[0].blocks[0].conv2.weight.clone()
+    model(x).sum().backward()
+    opt.step()  # the optimizer made before conversion trains the converted model
+    assert not torch.equal(before, model.stages[0].blocks[0].conv2.weight)
+    restored = _model("resnetv2_50")
+    restored.load_state_dict(model.state_dict())  # checkpoint from the fused model into the original class
+    fused_preact.unconvert(model)
+    assert [type(b).__name__ for b in _blocks(model)] == [type(b).__name__ for b in _blocks(restored)]
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+def test_bit_models_with_group_norm_are_declined_with_a_reason():
+    model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=5)
+    report = fused_preact.ConversionReport()
+    fused_preact.convert(model, report=report)
+    assert not report.converted and len(report.declined) == len(_blocks(model))
+    assert all("GroupNorm" in why or "StdConv2d" in why for why in report.declined.values()), report
+
+
+def test_a_non_relu_activation_is_declined():
+    model = _model("resnetv2_18", act_layer=nn.SiLU)
+    report = fused_preact.ConversionReport()
+    fused_preact.convert(model, report=report)
+    assert not report.converted and all("not ReLU" in why for why in report.declined.values()), report
