@@ -126,10 +126,10 @@ def decline_reason(block: nn.Module, spec: BlockSpec) -> Optional[str]:
 
 def _unit(name: str, norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: str,
           residual: Optional[Tensor] = None, batch: Optional[Tensor] = None,
-          emit_stats: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+          emit_stats: bool = False, sync: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     from .modules import _unit as unit  # the per-unit checks, momentum rule and running statistics
 
-    return unit(name, norm, conv, x, backend, residual, batch, emit_stats)
+    return unit(name, norm, conv, x, backend, residual, batch, emit_stats, sync)
 
 
 def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tensor) -> Tensor:
@@ -137,6 +137,7 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
     from .modules import _bn_momentum, _running
 
     name = type(block).__name__
+    sync = bool(getattr(block, "sync_bn", False))
     units = [(_get(block, n), _get(block, c)) for n, c in spec.units]
     proj = _get(block, spec.projection)
     post = _get(block, spec.post)
@@ -145,7 +146,7 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
     # statistics of its output, so the next BN needs no pass of its own.
     emit = backend == "triton" and any(n.training or not n.track_running_stats for n, _ in units[1:])
     if proj is None:
-        out, stats = _unit(name, *units[0], x, backend, emit_stats=emit and len(units) > 1)
+        out, stats = _unit(name, *units[0], x, backend, emit_stats=emit and len(units) > 1, sync=sync)
         shortcut = x
     else:
         # Unit 1 and the projection read the same pre-activation relu(norm1(x)):
@@ -160,7 +161,7 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
         with torch.autocast(x.device.type, enabled=False):
             state, batch_stats = functional.prepare_bn(x, norm1.weight, norm1.bias, running_mean, running_var,
                                                        training=norm1.training, momentum=_bn_momentum(norm1),
-                                                       eps=norm1.eps, backend=backend)
+                                                       eps=norm1.eps, backend=backend, sync=sync)
             out, stats = functional.fused_unit(x, functional.unit_weight(conv1.weight, x, backend), state,
                                                norm1.weight, norm1.bias, batch_stats, conv1.stride[0],
                                                conv1.padding[0], None, backend, emit and len(units) > 1)
@@ -173,12 +174,12 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
     if len(units) == 1:
         return (post(out) if post_unfused else out) + shortcut
     for norm, conv in units[1:-1]:
-        out, stats = _unit(name, norm, conv, out, backend, batch=stats, emit_stats=emit)
+        out, stats = _unit(name, norm, conv, out, backend, batch=stats, emit_stats=emit, sync=sync)
     norm, conv = units[-1]
     if post_unfused:
-        out, _ = _unit(name, norm, conv, out, backend, batch=stats)
+        out, _ = _unit(name, norm, conv, out, backend, batch=stats, sync=sync)
         return post(out) + shortcut
-    return _unit(name, norm, conv, out, backend, residual=shortcut, batch=stats)[0]
+    return _unit(name, norm, conv, out, backend, residual=shortcut, batch=stats, sync=sync)[0]
 
 
 # ------------------------------------------------------------------ registry

@@ -124,13 +124,28 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
 
 def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
                running_var: Optional[Tensor], *, training: bool, momentum: float, eps: float, backend: str,
-               batch: Optional[Tensor] = None) -> tuple[object, bool]:
+               batch: Optional[Tensor] = None, sync: bool = False) -> tuple[object, bool]:
     """The BatchNorm in front of a unit on a fused backend: (state for
     ``fused_unit``, uses batch statistics). Running statistics are updated
     here, once, even when the state feeds two convs (unit 1 and a projection
     shortcut share the pre-activation). ``batch``: x's [2, C] mean and biased
-    variance from the producer's epilogue (Triton), so x is not read again."""
+    variance from the producer's epilogue (Triton), so x is not read again.
+    ``sync``: synchronized BatchNorm over the default process group (native
+    backend; see fused_preact.distributed)."""
     batch_stats = training or running_mean is None
+    from . import distributed
+
+    if sync and batch_stats and distributed.active():
+        if backend == "triton":
+            raise NotImplementedError("sync_bn is implemented for backend='native'; the Triton backend does not "
+                                      "synchronise batch statistics yet")
+        ops = torch.ops.fused_preact
+        local_count = x.numel() // x.shape[1]
+        mean, var = ops.bn_stats(x.detach())
+        mean, var, count = distributed.global_moments(mean, var, local_count)
+        if training and running_mean is not None:
+            ops.update_running_stats(running_mean, running_var, mean, var, momentum, count)
+        return (mean, torch.rsqrt(var + eps), count), batch_stats
     if backend == "triton":
         from . import triton_ops
 
@@ -140,7 +155,7 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
         return bn, batch_stats
     mean, invstd, batch_stats = batch_norm_stats(x, running_mean, running_var, training=training,
                                                  momentum=momentum, eps=eps)
-    return (mean, invstd), batch_stats
+    return (mean, invstd, 0), batch_stats
 
 
 def unit_weight(weight: Tensor, x: Tensor, backend: str) -> Tensor:
@@ -165,9 +180,9 @@ def fused_unit(x: Tensor, conv_weight: Tensor, bn_state: object, bn_weight: Opti
         return y, (stats if emit_stats else None)
     from . import native
 
-    mean, invstd = bn_state
+    mean, invstd, global_count = bn_state
     return native.bn_relu_conv2d(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride, padding,
-                                 residual), None
+                                 residual, global_count), None
 
 
 def autocast_inputs(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:

@@ -40,10 +40,11 @@ def _running(bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], Optional[Tensor]]:
 
 
 def _unit(name: str, bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: str,
-          residual: Optional[Tensor] = None, batch: Optional[tuple[Tensor, Tensor]] = None,
-          emit_stats: bool = False) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-    """One unit on a concrete backend: (y, (mean, biased var) of y or None).
-    ``batch``: x's batch statistics from the producer's epilogue, if any."""
+          residual: Optional[Tensor] = None, batch: Optional[Tensor] = None,
+          emit_stats: bool = False, sync: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """One unit on a concrete backend: (y, y's [2, K] mean and biased
+    variance, or None). ``batch``: x's [2, C] batch statistics from the
+    producer's epilogue, if any. ``sync``: synchronized BatchNorm."""
     running_mean, running_var = _running(bn)
     # Every check that can fail runs before _bn_momentum counts the batch.
     functional.check_unit_inputs(name, x, conv.weight, bn.weight, bn.bias, running_mean, running_var, residual,
@@ -60,7 +61,7 @@ def _unit(name: str, bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: st
     with torch.autocast(x.device.type, enabled=False):
         state, batch_stats = functional.prepare_bn(x, bn.weight, bn.bias, running_mean, running_var,
                                                    training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps,
-                                                   backend=backend, batch=batch)
+                                                   backend=backend, batch=batch, sync=sync)
         return functional.fused_unit(x, functional.unit_weight(conv.weight, x, backend), state, bn.weight, bn.bias,
                                      batch_stats, conv.stride[0], conv.padding[0], residual, backend, emit_stats)
 
@@ -81,7 +82,8 @@ class FusedBNReLUConv2d(nn.Module):
             raise ValueError(f"FusedBNReLUConv2d: {reason}")
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return _unit(type(self).__name__, self.bn, self.conv, x, resolve_backend(self.backend, x), residual)[0]
+        return _unit(type(self).__name__, self.bn, self.conv, x, resolve_backend(self.backend, x), residual,
+                     sync=getattr(self, "sync_bn", False))[0]
 
 
 def _retype(module: nn.Module, cls: type, **attributes) -> nn.Module:
@@ -137,6 +139,7 @@ class _FusedPreActBlock(nn.Module):
         """The reference block, sharing this block's submodules."""
         ref = _retype(self, self.reference_cls)
         del ref.backend
+        ref.__dict__.pop("sync_bn", None)
         return ref
 
 
@@ -192,7 +195,7 @@ def _replace(model: nn.Module, backend: Optional[str], report: ConversionReport,
             elif getattr(cls, "_fused_original_cls", None) is not None and cls is blocks.fused_class(
                     cls._fused_original_cls):
                 new = _retype(module, cls._fused_original_cls)
-                for attr in ("_fused_backend", "_fused_spec"):
+                for attr in ("_fused_backend", "_fused_spec", "sync_bn"):
                     new.__dict__.pop(attr, None)
             else:
                 continue
@@ -219,7 +222,8 @@ def _replace(model: nn.Module, backend: Optional[str], report: ConversionReport,
     return model
 
 
-def convert(model: nn.Module, backend: str = "auto", report: Optional[ConversionReport] = None) -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", report: Optional[ConversionReport] = None,
+            sync_bn: bool = False) -> nn.Module:
     """Replaces, in place, every supported pre-activation block of ``model``
     by its fused twin, reusing the same parameters and buffers (optimizers
     and checkpoints keep working): the reference blocks, timm's resnetv2
@@ -227,11 +231,16 @@ def convert(model: nn.Module, backend: str = "auto", report: Optional[Conversion
     with ``register_block``. Returns the model (a new object only when
     ``model`` itself is a block). Pass a ``ConversionReport`` to learn what
     was converted and what was declined and why; the summary is also logged
-    (logger ``fused_preact``)."""
+    (logger ``fused_preact``). ``sync_bn=True``: the converted blocks
+    synchronise their batch statistics over the default torch.distributed
+    process group, like ``nn.SyncBatchNorm`` (native backend)."""
     if backend not in functional.BACKENDS:
         raise ValueError(f"backend must be one of {functional.BACKENDS}, got {backend!r}")
     report = report if report is not None else ConversionReport()
     model = _replace(model, backend, report, False)
+    for path in report.converted:
+        block = model if path == "." else model.get_submodule(path)
+        block.sync_bn = sync_bn
     logging.getLogger("fused_preact").info("convert: %s", report)
     return model
 

@@ -147,7 +147,9 @@ torch.library.register_autograd("fused_preact::add_stats", _add_stats_backward, 
 @torch.library.custom_op("fused_preact::bn_relu_conv2d", mutates_args=())
 def bn_relu_conv2d(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
                    bn_bias: Optional[Tensor], training: bool, stride: int, padding: int,
-                   residual: Optional[Tensor]) -> Tensor:
+                   residual: Optional[Tensor], global_count: int = 0) -> Tensor:
+    """``global_count`` > 0: synchronized BatchNorm (mean/invstd are the
+    global batch's; backward all-reduces its sums and divides by this count)."""
     scale, shift = scale_shift(mean, invstd, bn_weight, bn_bias)
     a = ops.bn_relu(x, scale, shift)
     y = torch.nn.functional.conv2d(a, weight, None, stride, padding)
@@ -169,7 +171,8 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 @bn_relu_conv2d.register_fake
-def _bn_relu_conv2d_fake(x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual):
+def _bn_relu_conv2d_fake(x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual,
+                         global_count=0):
     n, _, h, w = x.shape
     k = weight.shape[-1]
     ho = (h + 2 * padding - k) // stride + 1
@@ -178,9 +181,9 @@ def _bn_relu_conv2d_fake(x, weight, mean, invstd, bn_weight, bn_bias, training, 
 
 
 def _unit_setup_context(ctx, inputs, output):
-    x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual = inputs
+    x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual, global_count = inputs
     ctx.save_for_backward(x, weight, mean, invstd, bn_weight, bn_bias)
-    ctx.training, ctx.stride, ctx.padding = training, stride, padding
+    ctx.training, ctx.stride, ctx.padding, ctx.global_count = training, stride, padding, global_count
     ctx.has_residual = residual is not None
 
 
@@ -198,12 +201,30 @@ def _unit_backward(ctx, grad_y):
     del a
     grad_x = grad_gamma = grad_beta = None
     if need_bn:
-        grad_x, grad_gamma, grad_beta = ops.bn_relu_backward(grad_a, x, mean, invstd, bn_weight, bn_bias,
-                                                             ctx.training)
+        if ctx.global_count and ctx.training:
+            grad_x, grad_gamma, grad_beta = _synchronized_bn_relu_backward(grad_a, x, mean, invstd, scale, shift,
+                                                                           ctx.global_count)
+        else:
+            grad_x, grad_gamma, grad_beta = ops.bn_relu_backward(grad_a, x, mean, invstd, bn_weight, bn_bias,
+                                                                 ctx.training)
     return (grad_x if need_x else None, grad_w if need_w else None, None, None,
             grad_gamma.to(bn_weight.dtype) if need_gamma else None,
             grad_beta.to(bn_bias.dtype) if need_beta else None,
-            None, None, None, grad_y if ctx.has_residual else None)
+            None, None, None, grad_y if ctx.has_residual else None, None)
 
 
 bn_relu_conv2d.register_autograd(_unit_backward, setup_context=_unit_setup_context)
+
+
+def _synchronized_bn_relu_backward(grad_a, x, mean, invstd, scale, shift, global_count):
+    """bn_relu_backward with the two per-channel sums all-reduced and the
+    global count: nn.SyncBatchNorm's backward, fused with the ReLU mask.
+    The gamma/beta gradients returned are this process's own (DDP averages)."""
+    from . import distributed
+
+    sum_gz, sum_gz_xc = ops.bn_relu_backward_reduce(grad_a, x, mean, scale, shift)
+    local_gamma, local_beta = sum_gz_xc * invstd, sum_gz
+    g_sum_gz, g_sum_gz_xc = distributed.all_reduce_sum(sum_gz, sum_gz_xc)
+    k1 = -scale * invstd * (g_sum_gz_xc * invstd) / global_count
+    k0 = -scale * g_sum_gz / global_count - k1 * mean
+    return ops.bn_relu_backward_apply(grad_a, x, scale, shift, k1, k0), local_gamma, local_beta
