@@ -125,18 +125,24 @@ def test_unregistered_blocks_are_left_alone():
     assert not report.converted and not report.declined
 
 
-def test_autocast_bfloat16_and_grad_scaler_on_cpu():
-    ref = fused_preact.preact_resnet_cifar(20, block="basic")
-    fused = fused_preact.convert(copy.deepcopy(ref), backend="native")
+AUTOCAST_CASES = [("cpu", torch.bfloat16, "native")] + (
+    [("cuda", dt, be) for dt in (torch.float16, torch.bfloat16) for be in ("native", "triton")]
+    if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device, dtype, backend", AUTOCAST_CASES)
+def test_autocast_and_grad_scaler(device, dtype, backend):
+    ref = fused_preact.preact_resnet_cifar(20, block="basic").to(device)
+    fused = fused_preact.convert(copy.deepcopy(ref), backend=backend)
     ref64 = copy.deepcopy(ref).double()
-    x = torch.randn(8, 3, 16, 16)
+    x = torch.randn(8, 3, 16, 16, device=device)
     grads = {}
     for label, model in (("ref", ref), ("fused", fused)):
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**8)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             out = model(x)
-        assert out.dtype == torch.bfloat16
+        assert out.dtype == dtype
         scaler.scale(out.float().square().mean()).backward()
         scaler.unscale_(opt)
         grads[label] = [p.grad.clone() for p in model.parameters()]

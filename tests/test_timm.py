@@ -117,3 +117,46 @@ def test_a_non_relu_activation_is_declined():
     report = fused_preact.ConversionReport()
     fused_preact.convert(model, report=report)
     assert not report.converted and all("not ReLU" in why for why in report.declined.values()), report
+
+
+def _tiny_resnetv2(basic: bool, avg_down: bool):
+    """timm's ResNetV2 with resnetv2_18/50d's blocks and layers, narrow enough
+    for the Triton interpreter."""
+    from timm.layers import BatchNormAct2d, create_conv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    torch.manual_seed(0)
+    return ResNetV2(layers=[1, 1], channels=(16, 32), stem_chs=8, num_classes=5, basic=basic,
+                    bottle_ratio=1.0 if basic else 0.25, avg_down=avg_down, conv_layer=create_conv2d,
+                    norm_layer=BatchNormAct2d).double()
+
+
+@pytest.mark.parametrize("basic, avg_down", [(True, False), (False, True)], ids=["basic", "bottleneck-d"])
+def test_timm_blocks_on_the_triton_backend(basic, avg_down):
+    pytest.importorskip("triton")
+    from fused_preact import triton_launch
+
+    if not torch.cuda.is_available() and not triton_launch.INTERPRET:
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The interpreter checks in fp64; on a GPU fp32 without TF32 (fp64 Triton
+    # kernels take ~45 s each to compile there).
+    dtype, tol = (torch.float64, 1e-8) if device == "cpu" else (torch.float32, 1e-4)
+    ref = _tiny_resnetv2(basic, avg_down).to(device, dtype)
+    fused = copy.deepcopy(ref)
+    report = fused_preact.ConversionReport()
+    fused_preact.convert(fused, backend="triton", report=report)
+    assert len(report.converted) == 2 and not report.declined, report
+    x = torch.randn(2, 3, 16, 16, dtype=dtype, device=device)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a, b = ref(x), fused(x)
+        a.square().mean().backward()
+        b.square().mean().backward()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert ((b - a).abs().max() / a.abs().max()).item() < tol
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        err = ((q.grad - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30)).item()
+        assert err < tol, f"{name}: relative error {err:.2e}"
