@@ -76,8 +76,14 @@ def _like_layout(shape: tuple[int, ...], x: Tensor, dtype: Optional[torch.dtype]
     return torch.empty(shape, device=x.device, dtype=dtype or x.dtype).contiguous(memory_format=fmt)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Plain integer math: triton.cdiv/next_power_of_2 are ConstexprFunctions
+    # in triton 3.8, several microseconds per call from Python.
+    return -(-a // b)
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
 
 
 # ------------------------------------------------------------------ configs
@@ -133,7 +139,7 @@ def _run(kernel_name: str, grid, *args, **kwargs) -> None:
     """Launches a plain kernel (counted; under the interpreter marked in the
     profiler, whose numpy copies are not GPU work)."""
     LAUNCHES[kernel_name] += 1
-    if INTERPRET:
+    if INTERPRET and torch.autograd.profiler._is_profiler_enabled:
         with torch.profiler.record_function("triton_interpreted_kernel"):
             getattr(K, kernel_name)[grid](*args, **kwargs)
     else:
@@ -165,10 +171,10 @@ def _channel_partials(x: Tensor) -> tuple[Tensor, Tensor, int]:
     sdt = stats_dtype(x)
     block_m = 64 if INTERPRET else 256
     block_c = _pow2(c, 16, 64 if INTERPRET else 32)
-    tiles = triton.cdiv(m, block_m)
+    tiles = _cdiv(m, block_m)
     mean_part = torch.empty((tiles, c), device=x.device, dtype=sdt)
     m2_part = torch.empty_like(mean_part)
-    _run("channel_stats_partial_kernel", (tiles, triton.cdiv(c, block_c)),
+    _run("channel_stats_partial_kernel", (tiles, _cdiv(c, block_c)),
          x, mean_part, m2_part, m, c, h * w, w, *_strides(x), BLOCK_M=block_m, BLOCK_C=block_c,
          IS_FP64=sdt == torch.float64)
     return mean_part, m2_part, block_m
@@ -190,7 +196,7 @@ def merge_stats(mean_part: Tensor, m2_part: Tensor, count: int, rows_per_tile: i
                 var: Tensor) -> None:
     tiles, c = mean_part.shape
     block_c = _pow2(c, 16, 64)
-    _run("merge_stats_kernel", (triton.cdiv(c, block_c),),
+    _run("merge_stats_kernel", (_cdiv(c, block_c),),
          mean_part, m2_part, mean, var, count, c, tiles, rows_per_tile, BLOCK_T=32 if INTERPRET else 64,
          BLOCK_C=block_c, IS_FP64=mean.dtype == torch.float64)
 
@@ -222,7 +228,7 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
         mean_part = m2_part = out
         rows = 1
     block_c = _pow2(c, 16, 64)
-    _run("bn_finalize_kernel", (triton.cdiv(c, block_c),),
+    _run("bn_finalize_kernel", (_cdiv(c, block_c),),
          mean_part, m2_part, gamma if gamma is not None else out, beta if beta is not None else out,
          running_mean if running_mean is not None else out, running_var if running_var is not None else out,
          out, m, c, mean_part.shape[0] if from_partials else 1, rows, float(momentum), float(eps),
@@ -255,7 +261,7 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     y = _like_layout((n, k_out, oh, ow), x)
     dot_dtype, precision, is_fp64 = _dot(x.dtype)
     rows = ROWS_INTERPRET if INTERPRET else ROWS_GPU
-    tiles = triton.cdiv(m, rows)
+    tiles = _cdiv(m, rows)
     sdt = stats_dtype(x)
     stats = torch.empty((2, k_out), device=x.device, dtype=sdt) if emit_stats else None
     mean_part = m2_part = y
@@ -265,7 +271,7 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     if m > 0:
         w_packed = _pack(weight, (2, 3, 1, 0), x.dtype)  # [KH, KW, C, K]
         res = residual if residual is not None else y
-        grid = lambda meta: (tiles * triton.cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64),
                      {"BLOCK_M": rows, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 16),
                       "GROUP_M": 4},
@@ -301,7 +307,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
     if need_input_grads:
         m = n * h * w
         rows = ROWS_INTERPRET if INTERPRET else ROWS_GPU
-        tiles = triton.cdiv(m, rows)
+        tiles = _cdiv(m, rows)
         gz = torch.empty_like(x)  # keeps x's dense layout (channels_last or contiguous)
         if gz.stride() != x.stride():
             x = x.contiguous(memory_format=_format_of(gz))
@@ -310,7 +316,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         out = torch.empty((4, c), device=x.device, dtype=sdt)  # grad_gamma, grad_beta, k1, k0
         if m > 0:
             w_packed = _pack(weight, (2, 3, 0, 1), x.dtype)  # [KH, KW, K, C]
-            grid = lambda meta: (tiles * triton.cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
+            grid = lambda meta: (tiles * _cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
                           "GROUP_M": 4},
@@ -319,11 +325,11 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
                          INPUT_PRECISION=precision)
             block_c = _pow2(c, 16, 64)
-            _run("bn_backward_finalize_kernel", (triton.cdiv(c, block_c),),
+            _run("bn_backward_finalize_kernel", (_cdiv(c, block_c),),
                  part_gz, part_gz_xhat, bn, out, m, c, tiles, TRAINING=training,
                  BLOCK_T=32 if INTERPRET else 64, BLOCK_C=block_c)
             block_m = 64 if INTERPRET else 128
-            _run("bn_grad_input_kernel", (triton.cdiv(m, block_m), triton.cdiv(c, block_c)),
+            _run("bn_grad_input_kernel", (_cdiv(m, block_m), _cdiv(c, block_c)),
                  gz, x, gz, bn[2], out[2], out[3], m, c, h * w, w, *_strides(x), TRAINING=training,
                  IS_FP64=is_fp64, BLOCK_M=block_m, BLOCK_C=block_c)
         else:
@@ -331,12 +337,12 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         grad_x, bn_grads = gz, out[:2]
     if need_weight_grad:
         m = n * oh * ow
-        tiles = kh * kw * triton.cdiv(k_out, _pow2(k_out, 16, 128)) * triton.cdiv(c, _pow2(c, 16, 64))
+        tiles = kh * kw * _cdiv(k_out, _pow2(k_out, 16, 128)) * _cdiv(c, _pow2(c, 16, 64))
         # Enough programs to fill a GPU (~132 SMs x 2) without tiny splits.
-        split = 1 if INTERPRET else max(1, min(triton.cdiv(m, 512), triton.cdiv(264, max(tiles, 1))))
+        split = 1 if INTERPRET else max(1, min(_cdiv(m, 512), _cdiv(264, max(tiles, 1))))
         part = torch.empty((split, k_out, c, kh, kw), device=x.device, dtype=sdt)
         if m > 0:
-            grid = lambda meta: (kh * kw, triton.cdiv(k_out, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_K"]),  # noqa: E731
+            grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
                                  split)
             _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
