@@ -132,6 +132,26 @@ def _unit(name: str, norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: 
     return unit(name, norm, conv, x, backend, residual, batch, emit_stats, sync)
 
 
+# A block's output carries the batch statistics its last epilogue computed
+# (Triton), as (stats [2, C], the tensor's version counter): the next block
+# uses them instead of a statistics pass over its input, unless the tensor
+# was modified in place since (the version counter moved) or we are being
+# traced by torch.compile (tensor attributes do not trace).
+_MOMENTS_ATTR = "_fused_preact_moments"
+
+
+def _incoming_moments(x: Tensor, backend: str) -> Optional[Tensor]:
+    if backend != "triton" or torch.compiler.is_compiling():
+        return None
+    carried = getattr(x, _MOMENTS_ATTR, None)
+    if carried is None:
+        return None
+    stats, version = carried
+    if version != x._version or stats.shape[-1] != x.shape[1] or stats.device != x.device:
+        return None
+    return stats
+
+
 def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tensor) -> Tensor:
     """``block``'s forward, fused (backend already resolved, not "torch")."""
     from .modules import _bn_momentum, _running
@@ -143,10 +163,15 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
     post = _get(block, spec.post)
     post_unfused = not _is_identity(post) and post.training
     # Statistics flow: on Triton each conv's epilogue emits the batch
-    # statistics of its output, so the next BN needs no pass of its own.
-    emit = backend == "triton" and any(n.training or not n.track_running_stats for n, _ in units[1:])
+    # statistics of its output, so the next BN needs no pass of its own;
+    # the last one's travel with the block's output to the next block.
+    batch_mode = any(n.training or not n.track_running_stats for n, _ in units)
+    emit = backend == "triton" and batch_mode
+    emit_out = emit and not post_unfused and not sync and not torch.compiler.is_compiling()
+    incoming = _incoming_moments(x, backend) if not sync else None
     if proj is None:
-        out, stats = _unit(name, *units[0], x, backend, emit_stats=emit and len(units) > 1, sync=sync)
+        out, stats = _unit(name, *units[0], x, backend, batch=incoming, emit_stats=emit and len(units) > 1,
+                           sync=sync)
         shortcut = x
     else:
         # Unit 1 and the projection read the same pre-activation relu(norm1(x)):
@@ -161,7 +186,7 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
         with torch.autocast(x.device.type, enabled=False):
             state, batch_stats = functional.prepare_bn(x, norm1.weight, norm1.bias, running_mean, running_var,
                                                        training=norm1.training, momentum=_bn_momentum(norm1),
-                                                       eps=norm1.eps, backend=backend, sync=sync)
+                                                       eps=norm1.eps, backend=backend, batch=incoming, sync=sync)
             out, stats = functional.fused_unit(x, functional.unit_weight(conv1.weight, x, backend), state,
                                                norm1.weight, norm1.bias, batch_stats, conv1.stride[0],
                                                conv1.padding[0], None, backend, emit and len(units) > 1)
@@ -171,7 +196,7 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
         pool = _get(block, spec.projection_pool)
         if not _is_identity(pool):
             shortcut = pool(shortcut)  # avg pool and a 1x1 conv commute: pooling after the conv is exact
-    if len(units) == 1:
+    if len(units) == 1:  # a one-unit block: the residual add is not fused here
         return (post(out) if post_unfused else out) + shortcut
     for norm, conv in units[1:-1]:
         out, stats = _unit(name, norm, conv, out, backend, batch=stats, emit_stats=emit, sync=sync)
@@ -179,7 +204,11 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
     if post_unfused:
         out, _ = _unit(name, norm, conv, out, backend, batch=stats, sync=sync)
         return post(out) + shortcut
-    return _unit(name, norm, conv, out, backend, residual=shortcut, batch=stats, sync=sync)[0]
+    y, y_stats = _unit(name, norm, conv, out, backend, residual=shortcut, batch=stats, emit_stats=emit_out,
+                       sync=sync)
+    if y_stats is not None:
+        setattr(y, _MOMENTS_ATTR, (y_stats, y._version))
+    return y
 
 
 # ------------------------------------------------------------------ registry

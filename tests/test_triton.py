@@ -274,3 +274,29 @@ def test_bad_input_names_the_problem():
                                   None, None, None, None, training=True, backend="triton")
     with pytest.raises(RuntimeError, match="supports float16, bfloat16, float32 and float64"):
         triton_ops.bn_stats(torch.ones(2, 3, 4, 4, dtype=torch.int32, device=DEVICE))
+
+
+def test_block_outputs_carry_their_statistics_to_the_next_block():
+    """Statistics flow across blocks: in a converted network only the first
+    block's BN reads its input for statistics; every later BN gets them from
+    a conv epilogue (within a block, or the previous block's last one)."""
+    model = fused_preact.convert(fused_preact.preact_resnet_cifar(20, block="basic").to(REF_DTYPE).to(DEVICE),
+                                 backend="triton")
+    x = torch.randn(2, 3, 8, 8, dtype=REF_DTYPE, device=DEVICE)
+    before = triton_launch.LAUNCHES["channel_stats_partial_kernel"]
+    model(x)
+    assert triton_launch.LAUNCHES["channel_stats_partial_kernel"] - before == 1
+    # An in-place change to a block's output invalidates what it carries.
+    block = model.stages[0][0] if hasattr(model, "stages") else next(
+        m for m in model.modules() if isinstance(m, fused_preact.FusedPreActBasicBlock))
+    y = block(torch.randn(2, block.bn1.num_features, 8, 8, dtype=REF_DTYPE, device=DEVICE))
+    carried = _carried_moments(y)
+    assert carried is not None
+    y.mul_(2)
+    assert _carried_moments(y) is None
+
+
+def _carried_moments(y):
+    from fused_preact import blocks
+
+    return blocks._incoming_moments(y, "triton")
