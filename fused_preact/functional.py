@@ -114,7 +114,8 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
     batch_stats = training or running_mean is None
     if batch_stats:
         mean, var = ops.bn_stats(x.detach())
-        if training and running_mean is not None:
+        # An empty batch leaves the running statistics as they are (as F.batch_norm does).
+        if training and running_mean is not None and x.numel() > 0:
             ops.update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     else:
         sdt = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -273,3 +273,26 @@ def test_bad_input_gives_clear_errors():
     assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))  # untouched by the failed call
     with pytest.raises(ValueError, match="backend must be one of"):
         fused_preact.bn_relu_conv2d(x, w, *args, training=True, backend="fast")
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_size_batch_behaves_like_pytorch(backend, training):
+    """N = 0, which PyTorch allows: an empty output, zero gradients, running
+    statistics untouched."""
+    if backend == "triton":
+        from fused_preact import triton_launch  # noqa: F401  (needs triton)
+
+        if not fused_preact.backends()["triton"]["available"] or (
+                not torch.cuda.is_available() and not triton_launch.INTERPRET):
+            pytest.skip("Triton cannot run here")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = torch.randn(0, 4, 5, 5, device=device, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
+    gamma = torch.ones(4, device=device, requires_grad=True)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    y = fused_preact.bn_relu_conv2d(x, w, gamma, None, rm, rv, training=training, padding=1, backend=backend)
+    assert y.shape == (0, 6, 5, 5)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == x.shape
+    assert torch.equal(rm, torch.zeros(4, device=device)) and torch.equal(rv, torch.ones(4, device=device))
