@@ -137,11 +137,18 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
     from . import distributed
 
     if sync and batch_stats and distributed.active():
-        if backend == "triton":
-            raise NotImplementedError("sync_bn is implemented for backend='native'; the Triton backend does not "
-                                      "synchronise batch statistics yet")
-        ops = torch.ops.fused_preact
         local_count = x.numel() // x.shape[1]
+        if backend == "triton":
+            from . import triton_ops
+
+            mean, var = triton_ops.bn_stats(x.detach())
+            mean, var, count = distributed.global_moments(mean, var, local_count)
+            bn = triton_ops.bn_prepare(x.detach(), torch.stack((mean, var)),
+                                       None if bn_weight is None else bn_weight.detach(),
+                                       None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
+                                       training, momentum, eps, count)
+            return (bn, count), batch_stats
+        ops = torch.ops.fused_preact
         mean, var = ops.bn_stats(x.detach())
         mean, var, count = distributed.global_moments(mean, var, local_count)
         if training and running_mean is not None:
@@ -153,7 +160,7 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
         bn = triton_ops.bn_prepare(x.detach(), batch, None if bn_weight is None else bn_weight.detach(),
                                    None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
                                    training, momentum, eps)
-        return bn, batch_stats
+        return (bn, 0), batch_stats
     mean, invstd, batch_stats = batch_norm_stats(x, running_mean, running_var, training=training,
                                                  momentum=momentum, eps=eps)
     return (mean, invstd, 0), batch_stats
@@ -176,8 +183,9 @@ def fused_unit(x: Tensor, conv_weight: Tensor, bn_state: object, bn_weight: Opti
     if backend == "triton":
         from . import triton_ops
 
-        y, stats = triton_ops.bn_relu_conv2d(x, conv_weight, bn_state, bn_weight, bn_bias, batch_stats, stride,
-                                             padding, residual, emit_stats)
+        bn, global_count = bn_state
+        y, stats = triton_ops.bn_relu_conv2d(x, conv_weight, bn, bn_weight, bn_bias, batch_stats, stride, padding,
+                                             residual, emit_stats, global_count)
         return y, (stats if emit_stats else None)
     from . import native
 

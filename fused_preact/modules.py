@@ -233,7 +233,7 @@ def convert(model: nn.Module, backend: str = "auto", report: Optional[Conversion
     was converted and what was declined and why; the summary is also logged
     (logger ``fused_preact``). ``sync_bn=True``: the converted blocks
     synchronise their batch statistics over the default torch.distributed
-    process group, like ``nn.SyncBatchNorm`` (native backend)."""
+    process group, like ``nn.SyncBatchNorm`` (native and triton backends)."""
     if backend not in functional.BACKENDS:
         raise ValueError(f"backend must be one of {functional.BACKENDS}, got {backend!r}")
     report = report if report is not None else ConversionReport()

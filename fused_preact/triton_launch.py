@@ -203,13 +203,15 @@ def merge_stats(mean_part: Tensor, m2_part: Tensor, count: int, rows_per_tile: i
 
 def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
                running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
-               eps: float) -> Tensor:
+               eps: float, global_count: int = 0) -> Tensor:
     """[4, C] rows mean, invstd, scale, shift for the BatchNorm in front of a
     unit (nn.BatchNorm2d's rules: batch statistics when training or without
     running statistics, which are then updated in place). ``batch_moments``:
     x's [2, C] mean and biased variance when already known (emitted by the
-    producer's epilogue); otherwise they are computed from x. Two launches
-    at most: the partial statistics of x and one finalize."""
+    producer's epilogue, or the global batch's under sync_bn, whose
+    ``global_count`` then gives the unbiased running variance); otherwise they
+    are computed from x. Two launches at most: the partial statistics of x
+    and one finalize."""
     check_device(x)
     n, c, h, w = x.shape
     m = n * h * w
@@ -218,7 +220,8 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
     batch_stats = training or running_mean is None
     update = training and running_mean is not None
     from_partials = batch_stats and batch_moments is None
-    if batch_stats and m == 0:
+    count = global_count or m
+    if batch_stats and count == 0:
         return out.fill_(float("nan"))
     if from_partials:
         mean_part, m2_part, rows = _channel_partials(x)
@@ -232,7 +235,7 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
          mean_part, m2_part, gamma if gamma is not None else out, beta if beta is not None else out,
          running_mean if running_mean is not None else out, running_var if running_var is not None else out,
          out, m, c, mean_part.shape[0] if from_partials else 1, rows, float(momentum), float(eps),
-         m / (m - 1) if m > 1 else 1.0, FROM_PARTIALS=from_partials, BATCH_STATS=batch_stats,
+         count / (count - 1) if count > 1 else 1.0, FROM_PARTIALS=from_partials, BATCH_STATS=batch_stats,
          UPDATE_RUNNING=update, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
          BLOCK_T=32 if INTERPRET else 64, BLOCK_C=block_c, IS_FP64=sdt == torch.float64)
     return out
@@ -290,8 +293,8 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
 
 
 def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, training: bool, stride: int,
-                  padding: int, need_input_grads: bool,
-                  need_weight_grad: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                  padding: int, need_input_grads: bool, need_weight_grad: bool,
+                  global_count: int = 0) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(grad_x, grad_weight, [2, C] grad_gamma and grad_beta) of
     y = conv(relu(x*scale + shift)) with ``bn`` = [4, C] mean, invstd, scale,
     shift; the activation is recomputed from x. Launches: weight pack, dgrad
@@ -325,9 +328,18 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
                          INPUT_PRECISION=precision)
             block_c = _pow2(c, 16, 64)
+            sync = bool(global_count) and training
             _run("bn_backward_finalize_kernel", (_cdiv(c, block_c),),
-                 part_gz, part_gz_xhat, bn, out, m, c, tiles, TRAINING=training,
+                 part_gz, part_gz_xhat, bn, out, m, c, tiles, TRAINING=training and not sync,
                  BLOCK_T=32 if INTERPRET else 64, BLOCK_C=block_c)
+            if sync:
+                # sync_bn: the two sums over every process, the global count
+                # (nn.SyncBatchNorm's backward); gamma/beta grads stay local.
+                from . import distributed
+
+                g_gamma, g_beta = distributed.all_reduce_sum(out[0], out[1])
+                out[2] = -bn[2] * g_gamma * bn[1] / global_count
+                out[3] = -bn[2] * g_beta / global_count - out[2] * bn[0]
             block_m = 64 if INTERPRET else 128
             _run("bn_grad_input_kernel", (_cdiv(m, block_m), _cdiv(c, block_c)),
                  gz, x, gz, bn[2], out[2], out[3], m, c, h * w, w, *_strides(x), TRAINING=training,

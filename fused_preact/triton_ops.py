@@ -53,19 +53,21 @@ def _bn_stats_fake(x):
 @torch.library.custom_op("fused_preact::triton_bn_prepare", mutates_args=("running_mean", "running_var"))
 def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
                running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
-               eps: float) -> Tensor:
-    return L.bn_prepare(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps)
+               eps: float, global_count: int = 0) -> Tensor:
+    return L.bn_prepare(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps,
+                        global_count)
 
 
 @bn_prepare.register_fake
-def _bn_prepare_fake(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps):
+def _bn_prepare_fake(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps,
+                     global_count=0):
     return x.new_empty(_bn_shape(x), dtype=L.stats_dtype(x))
 
 
 @torch.library.custom_op("fused_preact::triton_bn_relu_conv2d", mutates_args=())
 def bn_relu_conv2d(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    training: bool, stride: int, padding: int, residual: Optional[Tensor],
-                   emit_stats: bool) -> tuple[Tensor, Tensor]:
+                   emit_stats: bool, global_count: int = 0) -> tuple[Tensor, Tensor]:
     """(y, y's [2, K] mean and biased variance, or an empty tensor unless emit_stats)."""
     y, stats = L.conv_forward(x, weight, bn, stride, padding, residual, emit_stats)
     return y, (stats if stats is not None else bn.new_empty((0,)))
@@ -84,34 +86,35 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 @bn_relu_conv2d.register_fake
-def _bn_relu_conv2d_fake(x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats):
+def _bn_relu_conv2d_fake(x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats,
+                         global_count=0):
     y = x.new_empty(_output_shape(x, weight, stride, padding)).contiguous(memory_format=_memory_format(x))
     return y, bn.new_empty((2, weight.shape[0]) if emit_stats else (0,))
 
 
 @torch.library.custom_op("fused_preact::triton_bn_relu_conv2d_backward", mutates_args=())
 def bn_relu_conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, training: bool, stride: int,
-                            padding: int, need_input_grads: bool,
-                            need_weight_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                            padding: int, need_input_grads: bool, need_weight_grad: bool,
+                            global_count: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, [2, C] grad_gamma and grad_beta); empty where not asked."""
     gx, gw, bn_grads = L.conv_backward(grad_y, x, weight, bn, training, stride, padding, need_input_grads,
-                                       need_weight_grad)
+                                       need_weight_grad, global_count)
     return (gx if gx is not None else x.new_empty((0,)), gw if gw is not None else weight.new_empty((0,)),
             bn_grads if bn_grads is not None else bn.new_empty((0,)))
 
 
 @bn_relu_conv2d_backward.register_fake
 def _bn_relu_conv2d_backward_fake(grad_y, x, weight, bn, training, stride, padding, need_input_grads,
-                                  need_weight_grad):
+                                  need_weight_grad, global_count=0):
     return (torch.empty_like(x) if need_input_grads else x.new_empty((0,)),
             torch.empty_like(weight) if need_weight_grad else weight.new_empty((0,)),
             bn.new_empty((2, x.shape[1]) if need_input_grads else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats = inputs
+    x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats, global_count = inputs
     ctx.save_for_backward(x, weight, bn)
-    ctx.training, ctx.stride, ctx.padding = training, stride, padding
+    ctx.training, ctx.stride, ctx.padding, ctx.global_count = training, stride, padding, global_count
     ctx.has_residual = residual is not None
     ctx.gamma_dtype = bn_weight.dtype if bn_weight is not None else None
     ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None
@@ -125,11 +128,11 @@ def _backward(ctx, grad_y, _grad_stats):
     need_beta = ctx.beta_dtype is not None and ctx.needs_input_grad[4]
     need_bn = need_x or need_gamma or need_beta
     gx, gw, bn_grads = bn_relu_conv2d_backward(grad_y, x, weight, bn, ctx.training, ctx.stride, ctx.padding,
-                                               need_bn, need_w)
+                                               need_bn, need_w, ctx.global_count)
     return (gx if need_x else None, gw if need_w else None, None,
             bn_grads[0].to(ctx.gamma_dtype) if need_gamma else None,
             bn_grads[1].to(ctx.beta_dtype) if need_beta else None,
-            None, None, None, grad_y if ctx.has_residual else None, None)
+            None, None, None, grad_y if ctx.has_residual else None, None, None)
 
 
 bn_relu_conv2d.register_autograd(_backward, setup_context=_setup_context)

@@ -53,13 +53,13 @@ def _train(model, batches):
         opt.step()
 
 
-def _worker(rank, world, port, mode, path):
+def _worker(rank, world, port, mode, path, backend="native"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = _model()
         if mode != "reference":
-            fused_preact.convert(model, backend="native", sync_bn=mode == "fused_sync")
+            fused_preact.convert(model, backend=backend, sync_bn=mode == "fused_sync")
         ddp = nn.parallel.DistributedDataParallel(model)
         share = BATCH // world
         _train(ddp, [x[rank * share:(rank + 1) * share] for x in _data()])
@@ -69,12 +69,12 @@ def _worker(rank, world, port, mode, path):
         dist.destroy_process_group()
 
 
-def _run(mode, tmp_path, world=2):
+def _run(mode, tmp_path, world=2, backend="native"):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    path = str(tmp_path / f"{mode}.pt")
-    mp.spawn(_worker, args=(world, port, mode, path), nprocs=world, join=True)
+    path = str(tmp_path / f"{mode}-{backend}.pt")
+    mp.spawn(_worker, args=(world, port, mode, path, backend), nprocs=world, join=True)
     return torch.load(path)
 
 
@@ -107,3 +107,14 @@ def test_without_sync_bn_the_statistics_are_per_process(tmp_path):
     got = _run("fused", tmp_path)
     key = next(k for k in got if k.endswith("running_mean"))
     assert not torch.allclose(got[key], single.state_dict()[key], rtol=1e-6, atol=1e-9)
+
+
+def test_sync_bn_on_the_triton_backend(tmp_path):
+    pytest.importorskip("triton")
+    from fused_preact import triton_launch
+
+    if not triton_launch.INTERPRET:
+        pytest.skip("runs on CPU tensors under TRITON_INTERPRET=1 (gloo)")
+    single = _model()
+    _train(single, _data())
+    _assert_states_close(_run("fused_sync", tmp_path, backend="triton"), single.state_dict())
