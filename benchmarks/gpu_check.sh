@@ -57,9 +57,10 @@ echo "=== bench compile in the background (limit 200s)" | tee -a "$LOG"
 timeout --kill-after=10 200 "${BENCH[@]}" --warm-workers 8 --warm-only > "$OUT/bench_compile.log" 2>&1 &
 WARM=$!
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
-step tests 200 env FUSED_PREACT_TRITON_AUTOTUNE=0 FUSED_PREACT_EXPECT_CUDA=1 $PY -m pytest -v --tb=short -rfEs $XDIST \
+step tests 240 env FUSED_PREACT_TRITON_AUTOTUNE=0 FUSED_PREACT_EXPECT_CUDA=1 $PY -m pytest -v --tb=short -rfEs $XDIST \
   -p no:cacheprovider -p no:benchmark --junitxml="$OUT/tests.xml" tests/test_native_ops.py tests/test_triton.py \
-  tests/test_package.py ${TEST_ARGS:-}
+  tests/test_package.py tests/test_integration.py "tests/test_timm.py::test_timm_blocks_on_the_triton_backend" \
+  ${TEST_ARGS:-}
 wait $WARM
 echo "=== bench compile: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 cat "$OUT/bench_compile.log" >> "$LOG"
