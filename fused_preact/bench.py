@@ -135,6 +135,16 @@ def time_ms(fn: Callable[[int], object], device: str, warmup: int, repeats: int)
     return times
 
 
+def _peak_bytes(fn: Callable[[], object]) -> int:
+    """CUDA allocator peak during fn() above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def summary(times: list[float]) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "n": len(times)}
@@ -254,11 +264,7 @@ def bench_unit(shape: UnitShape, provider: str, batch: int, device: str, dtype: 
             out["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
             _GRAPH_FAILED.append(out["graph_error"])
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(0)
-        _sync(device)
-        out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        out["peak_bytes"] = _peak_bytes(lambda: step(0))
     return out
 
 
@@ -308,11 +314,7 @@ def bench_model(suite: str, provider: str, batch: int, device: str, dtype: torch
     saved = saved_tensor_bytes(forward_only)
     out = {"train_step": summary(t_train), "saved_bytes": saved}
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        train(0)
-        _sync(device)
-        out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        out["peak_bytes"] = _peak_bytes(lambda: train(0))
     model.eval()
     out["inference"] = summary(time_ms(infer, device, warmup, repeats))
     out["train_images_per_s"] = batch / (out["train_step"]["median_ms"] * 1e-3)

@@ -89,6 +89,14 @@ def check_unit_inputs(name: str, x: Tensor, conv_weight: Tensor, bn_weight: Opti
                          f"{list(x.shape)}")
 
 
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last for a (non-trivially) channels_last tensor, else
+    contiguous: the format every fused op gives its output."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def conv_output_shape(x: Tensor, conv_weight: Tensor, stride: int, padding: int) -> tuple[int, int, int, int]:
     k = conv_weight.shape[-1]
     return (x.shape[0], conv_weight.shape[0], (x.shape[2] + 2 * padding - k) // stride + 1,

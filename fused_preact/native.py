@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from .functional import scale_shift
+from .functional import conv_output_shape, memory_format_of, scale_shift
 
 _extension.require()
 ops = torch.ops.fused_preact
@@ -156,7 +156,7 @@ def bn_relu_conv2d(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_w
     # The output keeps x's memory format (as the fake kernel says). cuDNN has
     # no channels_last fp64 kernels: on CUDA, fp64 convs come back NCHW
     # (seen on an H200, torch 2.11).
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     if not y.is_contiguous(memory_format=fmt):
         y = y.contiguous(memory_format=fmt)
     if residual is not None:
@@ -164,20 +164,10 @@ def bn_relu_conv2d(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_w
     return y
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 @bn_relu_conv2d.register_fake
 def _bn_relu_conv2d_fake(x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual,
                          global_count=0):
-    n, _, h, w = x.shape
-    k = weight.shape[-1]
-    ho = (h + 2 * padding - k) // stride + 1
-    wo = (w + 2 * padding - k) // stride + 1
-    return x.new_empty((n, weight.shape[0], ho, wo)).contiguous(memory_format=_memory_format(x))
+    return x.new_empty(conv_output_shape(x, weight, stride, padding)).contiguous(memory_format=memory_format_of(x))
 
 
 def _unit_setup_context(ctx, inputs, output):

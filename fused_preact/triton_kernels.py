@@ -43,6 +43,19 @@ def _rows_to_nhw(offs_m, HW, W):
 
 
 @triton.jit
+def _grouped_pid(rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in grouped order: GROUP_M
+    neighbouring row tiles sweep the columns together, so the weight columns
+    they share stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(rows, BLOCK_M)
+    num_pid_n = tl.cdiv(cols, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_pid_n)) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size), (pid % (GROUP_M * num_pid_n)) // group_size
+
+
+@triton.jit
 def channel_stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, M, C, HW, W, sxn, sxc, sxh, sxw,
                                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
     """Tile (BLOCK_M pixels x BLOCK_C channels): its per-channel mean and sum of
@@ -71,12 +84,24 @@ def channel_stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, M, C, HW, W, sxn, sxc,
 @triton.jit
 def merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, TILES, ROWS_PER_TILE,
                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
-    """Chan et al.'s parallel merge of per-tile (count, mean, M2): a chunk of
-    BLOCK_T tiles is merged around its own mean, then into the running total.
-    Never forms sum(x^2) - M*mean^2, so |mean| >> std loses nothing."""
+    """Per-channel (mean, biased variance) from per-tile partials."""
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    mean, var = _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE, BLOCK_T,
+                            BLOCK_C, IS_FP64)
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(var_ptr + offs_c, var, mask=mask_c)
+
+
+@triton.jit
+def _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
+    """Chan et al.'s parallel merge of per-tile (count, mean, M2) [TILES, C]
+    partials (a tile holds ROWS_PER_TILE rows, the last one the rest of M):
+    a chunk of BLOCK_T tiles is merged around its own mean, then into the
+    running total. Never forms sum(x^2) - M*mean^2, so |mean| >> std loses
+    nothing. Returns (mean, biased variance)."""
     if IS_FP64:
         acc_dtype = tl.float64
     else:
@@ -87,8 +112,7 @@ def merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, TILE
     for t0 in range(0, TILES, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < TILES
-        cnt = tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(acc_dtype)
-        cnt = tl.where(mask_t, cnt, 0.0)
+        cnt = tl.where(mask_t, tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(acc_dtype), 0.0)
         mask = mask_t[:, None] & mask_c[None, :]
         idx = offs_t[:, None] * C + offs_c[None, :]
         mu = tl.load(mean_part_ptr + idx, mask=mask, other=0.0)
@@ -102,8 +126,7 @@ def merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, TILE
         mean = mean + delta * (chunk_n / new_total)
         m2 = m2 + chunk_m2 + delta * delta * (total * chunk_n / new_total)
         total = new_total
-    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
-    tl.store(var_ptr + offs_c, m2 / total, mask=mask_c)
+    return mean, m2 / total
 
 
 @triton.jit
@@ -126,27 +149,8 @@ def bn_finalize_kernel(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, running_
         acc_dtype = tl.float32
     if BATCH_STATS:
         if FROM_PARTIALS:
-            total = tl.zeros((BLOCK_C,), dtype=acc_dtype)
-            mean = tl.zeros((BLOCK_C,), dtype=acc_dtype)
-            m2 = tl.zeros((BLOCK_C,), dtype=acc_dtype)
-            for t0 in range(0, TILES, BLOCK_T):
-                offs_t = t0 + tl.arange(0, BLOCK_T)
-                mask_t = offs_t < TILES
-                cnt = tl.where(mask_t, tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(acc_dtype), 0.0)
-                mask = mask_t[:, None] & mask_c[None, :]
-                idx = offs_t[:, None] * C + offs_c[None, :]
-                mu = tl.load(mean_part_ptr + idx, mask=mask, other=0.0)
-                q = tl.load(m2_part_ptr + idx, mask=mask, other=0.0)
-                chunk_n = tl.sum(cnt, axis=0)
-                chunk_mean = tl.sum(mu * cnt[:, None], axis=0) / chunk_n
-                dev = tl.where(mask, mu - chunk_mean[None, :], 0.0)
-                chunk_m2 = tl.sum(q + dev * dev * cnt[:, None], axis=0)
-                new_total = total + chunk_n
-                delta = chunk_mean - mean
-                mean = mean + delta * (chunk_n / new_total)
-                m2 = m2 + chunk_m2 + delta * delta * (total * chunk_n / new_total)
-                total = new_total
-            var = m2 / total
+            mean, var = _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE,
+                                    BLOCK_T, BLOCK_C, IS_FP64)
         else:  # mean/var given (rows 0 and 1 of the parts buffer)
             mean = tl.load(mean_part_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
             var = tl.load(m2_part_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
@@ -239,15 +243,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
     """Implicit-GEMM forward: rows = output pixels (M = N*OH*OW), columns =
     output channels (K), reduction = KH*KW taps x C input channels. The weight
     is packed [KH, KW, C, K] (K contiguous)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(K, BLOCK_N)
-    # Grouped ordering: neighbouring programs share weight columns in L2.
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -305,14 +301,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     integer in range. The weight is packed [KH, KW, K, C] (C contiguous).
     Epilogue: gz = ga * [x*scale + shift > 0] stored in x's layout, and
     per-tile sums of gz and gz*xhat for the gamma/beta gradients."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(C, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = _grouped_pid(M, C, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_kernels as K
+from .functional import memory_format_of as _format_of
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # FUSED_PREACT_TRITON_AUTOTUNE=0: the first config of each set, no tuning
@@ -71,9 +72,7 @@ def _strides(t: Tensor) -> tuple[int, int, int, int]:
 
 def _like_layout(shape: tuple[int, ...], x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """An empty tensor of ``shape`` in x's memory format (channels_last or contiguous)."""
-    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-           else torch.contiguous_format)
-    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype).contiguous(memory_format=fmt)
+    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype).contiguous(memory_format=_format_of(x))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -371,7 +370,3 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
     return grad_x, grad_w, bn_grads
 
 
-def _format_of(t: Tensor) -> torch.memory_format:
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import triton_launch as L
+from .functional import conv_output_shape, memory_format_of
 
 
 def _bn_shape(x: Tensor) -> tuple[int, ...]:
@@ -73,22 +74,10 @@ def bn_relu_conv2d(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Te
     return y, (stats if stats is not None else bn.new_empty((0,)))
 
 
-def _output_shape(x, weight, stride, padding):
-    n, _, h, w = x.shape
-    k = weight.shape[-1]
-    return n, weight.shape[0], (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 @bn_relu_conv2d.register_fake
 def _bn_relu_conv2d_fake(x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats,
                          global_count=0):
-    y = x.new_empty(_output_shape(x, weight, stride, padding)).contiguous(memory_format=_memory_format(x))
+    y = x.new_empty(conv_output_shape(x, weight, stride, padding)).contiguous(memory_format=memory_format_of(x))
     return y, bn.new_empty((2, weight.shape[0]) if emit_stats else (0,))
 
 

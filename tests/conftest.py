@@ -21,6 +21,19 @@ TOLERANCES = {
 }
 
 
+def randomize_bn(model, bias=0.5):
+    """Non-trivial BatchNorm affine parameters (gamma in [0.5, 1.5], beta in
+    [-bias, bias]) so that every gradient path is exercised."""
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-bias, bias)
+    return model
+
+
 def assert_close(actual, expected, dtype=None, msg=""):
     rtol, atol = TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")

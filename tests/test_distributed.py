@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fused_preact
+from conftest import randomize_bn
 from fused_preact import reference
 
 pytestmark = [
@@ -32,11 +33,7 @@ def _model():
         planes_in = planes * 4
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), *blocks, nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(planes_in, 5)).double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    randomize_bn(model)
     return model
 
 
@@ -69,12 +66,22 @@ def _worker(rank, world, port, mode, path, backend="native"):
         dist.destroy_process_group()
 
 
-def _run(mode, tmp_path, world=2, backend="native"):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def _run(mode, tmp_path, world=2, backend="native", attempts=2):
+    """Trains in ``world`` processes; returns rank 0's state_dict. A failure
+    to set the process group up (the free port taken between choosing and
+    binding it) is retried once on another port; any other failure raises."""
     path = str(tmp_path / f"{mode}-{backend}.pt")
-    mp.spawn(_worker, args=(world, port, mode, path, backend), nprocs=world, join=True)
+    for attempt in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            mp.spawn(_worker, args=(world, port, mode, path, backend), nprocs=world, join=True)
+            break
+        except mp.ProcessRaisedException as exc:
+            if attempt + 1 == attempts or not any(w in str(exc) for w in ("Address already in use", "Connection",
+                                                                           "connect", "Timed out")):
+                raise
     return torch.load(path)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_preact
+from conftest import randomize_bn
 
 pytestmark = pytest.mark.skipif(not fused_preact.backends()["native"]["available"],
                                 reason="fused_preact._C is not built")
@@ -69,11 +70,7 @@ def _script_model(block, dtype=torch.float64):
         in_planes = planes * block.expansion
     layers += [nn.BatchNorm2d(in_planes), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_planes, 5)]
     model = nn.Sequential(*layers).to(dtype)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    randomize_bn(model)
     return model
 
 

@@ -9,19 +9,12 @@ import torch
 from torch import nn
 
 import fused_preact
+from conftest import randomize_bn
 from fused_preact import reference
 from fused_preact.memory import saved_tensor_bytes
 
 pytestmark = pytest.mark.skipif(not fused_preact.backends()["native"]["available"],
                                 reason="fused_preact._C is not built")
-
-
-def _randomise_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
 
 
 @pytest.mark.parametrize("build, size", [
@@ -33,7 +26,7 @@ def _randomise_bn(model):
 def test_converted_model_trains_like_the_reference(build, size, channels_last):
     torch.manual_seed(0)
     ref_model = build().double()
-    _randomise_bn(ref_model)
+    randomize_bn(ref_model)
     fused = copy.deepcopy(ref_model)
     report = fused_preact.ConversionReport()
     fused_preact.convert(fused, backend="native", report=report)

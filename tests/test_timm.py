@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fused_preact
+from conftest import randomize_bn
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.skipif(not fused_preact.backends()["native"]["available"],
@@ -19,11 +20,7 @@ pytestmark = pytest.mark.skipif(not fused_preact.backends()["native"]["available
 def _model(name, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    randomize_bn(model)
     return model
 
 

@@ -15,7 +15,7 @@ import torch
 
 import fused_preact
 from fused_preact import functional
-from conftest import assert_close
+from conftest import assert_close, randomize_bn
 
 triton = pytest.importorskip("triton")
 from fused_preact import triton_launch, triton_ops  # noqa: E402
@@ -205,11 +205,7 @@ def test_converted_model_trains_like_the_reference(build):
 
     torch.manual_seed(0)
     ref = build().to(REF_DTYPE).to(DEVICE)
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    randomize_bn(ref)
     fused = fused_preact.convert(copy.deepcopy(ref), backend="triton")
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, fused)]
     for step in range(2):
