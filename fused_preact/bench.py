@@ -280,7 +280,7 @@ def _build_model(suite: str, device_kind: str, small: bool) -> tuple[nn.Module, 
 
 
 def bench_model(suite: str, provider: str, batch: int, device: str, dtype: torch.dtype, warmup: int,
-                repeats: int, small: bool, base_model: nn.Module, input_shape) -> dict:
+                repeats: int, small: bool, base_model: nn.Module, input_shape, cuda_graph: bool = False) -> dict:
     model = copy.deepcopy(base_model).to(device)
     fmt = torch.contiguous_format if provider == "eager" else torch.channels_last
     model = model.to(memory_format=fmt)
@@ -315,6 +315,20 @@ def bench_model(suite: str, provider: str, batch: int, device: str, dtype: torch
     out = {"train_step": summary(t_train), "saved_bytes": saved}
     if device == "cuda":
         out["peak_bytes"] = _peak_bytes(lambda: train(0))
+    if device == "cuda" and cuda_graph and provider != "compile":
+        # The whole training step (forward, loss, backward, SGD) as one CUDA
+        # graph: device time without the host, on one fixed batch.
+        if _GRAPH_FAILED:
+            out["graph_error"] = "skipped after an earlier capture failed: " + _GRAPH_FAILED[0]
+        else:
+            try:
+                graph = _capture(lambda: train(0))
+                out["train_step_graph"] = summary(time_ms(lambda i: graph.replay(), device, warmup, repeats))
+                out["train_images_per_s_graph"] = batch / (out["train_step_graph"]["median_ms"] * 1e-3)
+                del graph
+            except Exception as exc:  # noqa: BLE001  (reported beside the host-timed numbers)
+                out["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                _GRAPH_FAILED.append(out["graph_error"])
     model.eval()
     out["inference"] = summary(time_ms(infer, device, warmup, repeats))
     out["train_images_per_s"] = batch / (out["train_step"]["median_ms"] * 1e-3)
@@ -368,10 +382,13 @@ def write_report(results: dict, out_dir: str) -> str:
         if not rows:
             continue
         eager = rows.get("eager", {})
+        graph = any("train_images_per_s_graph" in r for r in rows.values())
         lines += [f"## {suite} model (batch {results['args']['batch_' + suite]})", "",
                   "| provider | train img/s | vs eager | inference img/s | vs eager | saved | "
-                  + ("peak | " if results["args"]["device"] == "cuda" else "") + "",
-                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if results["args"]["device"] == "cuda" else "")]
+                  + ("peak | " if results["args"]["device"] == "cuda" else "")
+                  + ("train img/s, CUDA graph | vs eager |" if graph else ""),
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if results["args"]["device"] == "cuda" else "")
+                  + ("---:|---:|" if graph else "")]
         for prov, r in rows.items():
             if "error" in r:
                 lines.append(f"| {prov} | error: {r['error']} |")
@@ -379,9 +396,14 @@ def write_report(results: dict, out_dir: str) -> str:
             vs_t = r["train_images_per_s"] / eager["train_images_per_s"] if "train_images_per_s" in eager else math.nan
             vs_i = (r["inference_images_per_s"] / eager["inference_images_per_s"]
                     if "inference_images_per_s" in eager else math.nan)
+            graph_cols = ""
+            if graph:
+                g, g_eager = r.get("train_images_per_s_graph"), eager.get("train_images_per_s_graph")
+                graph_cols = (f" {g:.1f} | {g / g_eager:.2f}x |" if g and g_eager else
+                              f" {g:.1f} | - |" if g else " - | - |")
             lines.append(f"| {prov} | {r['train_images_per_s']:.1f} | {vs_t:.2f}x | {r['inference_images_per_s']:.1f} "
                          f"| {vs_i:.2f}x | {_fmt_bytes(r['saved_bytes'])} | "
-                         + (f"{_fmt_bytes(r['peak_bytes'])} |" if "peak_bytes" in r else ""))
+                         + (f"{_fmt_bytes(r['peak_bytes'])} |" if "peak_bytes" in r else "") + graph_cols)
         lines.append("")
     units = results.get("units")
     if units:
@@ -554,7 +576,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warm-workers", type=int, default=None,
                         help="processes that compile the Triton kernels before timing (default: 8 on CUDA)")
     parser.add_argument("--no-cuda-graph", action="store_true",
-                        help="units on CUDA: skip the CUDA-graph replay timing (device time without host overhead)")
+                        help="on CUDA: skip the CUDA-graph replay timings (device time without host overhead)")
     parser.add_argument("--warm-only", action="store_true",
                         help="only compile the Triton kernels into Triton's cache (e.g. while tests run), no timing")
     parser.add_argument("--out", default="bench_out")
@@ -647,7 +669,8 @@ def main(argv=None) -> int:
                 model, input_shape, _ = base_models[what]
                 batch = batch_of(kind, what)
                 models.setdefault(what, {})[provider] = bench_model(what, provider, batch, device, dtype, warmup,
-                                                                    repeats, small, model, input_shape)
+                                                                    repeats, small, model, input_shape,
+                                                                    cuda_graph=not args.no_cuda_graph)
             # Raw numbers so far, in case the run is cut short.
             with open(os.path.join(args.out, "results.json"), "w") as f:
                 json.dump({**results, "partial": True, "models": models,
@@ -681,6 +704,11 @@ def main(argv=None) -> int:
         units_out.append(row)
     results["units"] = units_out
     results["models"] = models
+    for where, r in ([(f"{u['shape']['model']} {u['shape']['name']} {p}", r) for u in units_out
+                      for p, r in u["providers"].items()]
+                     + [(f"{suite} {p}", r) for suite, rows in models.items() for p, r in rows.items()]):
+        if "graph_error" in r:
+            results["errors"].append(f"CUDA graph, {where}: {r['graph_error']}")
     try:
         import resource
         # Process-wide (all providers together), in bytes.
