@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# A short GPU check for a lease with little time left (~3 minutes): build
+# with the system compiler, check that C++ errors arrive as exceptions, run
+# the native unit tests that failed on the first H200 run, and time the
+# ResNet-164 units (eager vs native vs triton, with CUDA-graph device time).
+#   bash benchmarks/gpu_quick.sh OUTDIR
+set -u -o pipefail
+OUT=$(realpath -m "${1:?usage: gpu_quick.sh OUTDIR}")
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+LOG=$OUT/gpu_quick.log
+T0=$(date +%s)
+step() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "=== $name (limit ${limit}s, at +$((start - T0))s)" | tee -a "$LOG"
+  timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
+  rc=$?
+  echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$LOG"
+}
+step build 75 env CC=gcc CXX=g++ LDSHARED="g++ -shared" MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 \
+  $PY setup.py build_ext --inplace
+step exceptions 20 $PY -c "
+import torch, fused_preact
+for dev in ('cpu', 'cuda'):
+    try:
+        torch.ops.fused_preact.bn_stats(torch.randn(2, 4, 3, device=dev))
+    except RuntimeError as e:
+        print(dev, 'raised:', str(e).splitlines()[0])"
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+step tests 40 $PY -m pytest -q -rfE $XDIST -p no:cacheprovider -p no:benchmark tests/test_native_ops.py \
+  -k "(native_unit_matches_the_reference and cuda) or bad_input or zero_size"
+step bench 70 env FUSED_PREACT_TRITON_AUTOTUNE=0 $PY -m fused_preact.bench --device cuda --suite units \
+  --units resnet164 --dtype bfloat16 --providers eager_cl,native,triton --repeats 20 --warmup 3 \
+  --warm-workers 12 --no-progress --out "$OUT/bench"
+grep -E "raised|passed|failed|=== " "$LOG" | tail -n 12
+sed -n '/## Units/,/### The same/p' "$OUT/bench/report.md" 2>/dev/null
+echo "gpu_quick finished in $(($(date +%s) - T0))s"
