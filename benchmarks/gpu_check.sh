@@ -50,7 +50,7 @@ for dev in ('cpu', 'cuda'):
 \""
 PROVIDERS=${BENCH_PROVIDERS:-eager,eager_cl,native,triton}
 BENCH=($PY -m fused_preact.bench --device cuda --suite "$SUITES" --dtype bfloat16 --providers "$PROVIDERS"
-       --no-progress --out "$OUT/bench")
+       --cuda-graph --no-progress --out "$OUT/bench")
 # Compile the benchmark's Triton kernels (8 processes) while the tests run;
 # the timed benchmark starts after both, on a quiet GPU.
 echo "=== bench compile in the background (limit 200s)" | tee -a "$LOG"

@@ -35,7 +35,7 @@ step tests 40 $PY -m pytest -q -rfE $XDIST -p no:cacheprovider -p no:benchmark t
   -k "(native_unit_matches_the_reference and cuda) or bad_input or zero_size"
 step bench 70 env FUSED_PREACT_TRITON_AUTOTUNE=0 $PY -m fused_preact.bench --device cuda --suite units \
   --units resnet164 --dtype bfloat16 --providers eager_cl,native,triton --repeats 20 --warmup 3 \
-  --warm-workers 12 --no-progress --out "$OUT/bench"
+  --cuda-graph --warm-workers 12 --no-progress --out "$OUT/bench"
 grep -E "raised|passed|failed|=== " "$LOG" | tail -n 12
 sed -n '/## Units/,/### The same/p' "$OUT/bench/report.md" 2>/dev/null
 echo "gpu_quick finished in $(($(date +%s) - T0))s"
