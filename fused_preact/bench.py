@@ -211,32 +211,34 @@ def _randn(shape, device: str, dtype: torch.dtype, fmt: torch.memory_format) -> 
     return torch.randn(shape, dtype=torch.float32).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
 
 
-def _capture(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
+def _capture(fn: Callable[[], object], warmup: int = 3) -> "torch.cuda.CUDAGraph":
+    """fn() as a CUDA graph: warm-up and capture on the same side stream, as
+    PyTorch's whole-network capture recipe does (autograd's AccumulateGrad
+    nodes remember the stream they first ran on)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # capture needs a warm-up on a side stream
-        fn()
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         fn()
+    torch.cuda.current_stream().wait_stream(stream)
     return graph
 
 
-def bench_unit(shape: UnitShape, provider: str, batch: int, device: str, dtype: torch.dtype, warmup: int,
-               repeats: int, rotate: int, cuda_graph: bool = False) -> dict:
+def _unit_closures(shape: UnitShape, provider: str, batch: int, device: str, dtype: torch.dtype, rotate: int):
+    """(forward(i), step(i)) of a fresh unit on fresh inputs (set i % rotate)."""
     torch.manual_seed(0)
-    eager = _EagerUnit(shape).to(device)
     fmt = torch.contiguous_format if provider == "eager" else torch.channels_last
-    eager = eager.to(memory_format=fmt)
+    eager = _EagerUnit(shape).to(device).to(memory_format=fmt)
     module = _unit_module(provider, shape, eager)
-    act_dtype = dtype
-    xs = [_randn((batch, shape.cin, shape.size, shape.size), device, act_dtype, fmt).requires_grad_()
+    xs = [_randn((batch, shape.cin, shape.size, shape.size), device, dtype, fmt).requires_grad_()
           for _ in range(rotate)]
     o = shape.out_size()
-    res = [_randn((batch, shape.cout, o, o), device, act_dtype, fmt) if shape.residual else None
-           for _ in range(rotate)]
-    gys = [_randn((batch, shape.cout, o, o), device, act_dtype, fmt) for _ in range(rotate)]
+    res = [_randn((batch, shape.cout, o, o), device, dtype, fmt) if shape.residual else None for _ in range(rotate)]
+    gys = [_randn((batch, shape.cout, o, o), device, dtype, fmt) for _ in range(rotate)]
 
     def forward(i):
         with _autocast(device, dtype):
@@ -249,6 +251,12 @@ def bench_unit(shape: UnitShape, provider: str, batch: int, device: str, dtype: 
         for p in eager.parameters():
             p.grad = None
 
+    return forward, step
+
+
+def bench_unit(shape: UnitShape, provider: str, batch: int, device: str, dtype: torch.dtype, warmup: int,
+               repeats: int, rotate: int, cuda_graph: bool = False) -> dict:
+    forward, step = _unit_closures(shape, provider, batch, device, dtype, rotate)
     fwd = time_ms(forward, device, warmup, repeats)
     train = time_ms(step, device, warmup, repeats)
     saved = saved_tensor_bytes(lambda: forward(0))
@@ -256,11 +264,14 @@ def bench_unit(shape: UnitShape, provider: str, batch: int, device: str, dtype: 
     out["backward_ms"] = max(out["train_step"]["median_ms"] - out["forward"]["median_ms"], 0.0)
     if device == "cuda" and cuda_graph and _GRAPH_FAILED:
         out["graph_error"] = "skipped after an earlier capture failed: " + _GRAPH_FAILED[0]
-    elif device == "cuda" and cuda_graph:
-        # Device time without the host: one CUDA graph per input set,
-        # captured after the warm-up above (autotuning done), replayed in turn.
+    elif device == "cuda" and cuda_graph and provider != "compile":
+        # Device time without the host: CUDA graphs of a fresh unit on fresh
+        # inputs (autograd nodes that ran on the default stream above would
+        # pull it into the capture and invalidate it), one per input set,
+        # replayed in turn. The Triton autotuning is done (cached by shape).
         try:
-            for label, fn in (("forward_graph", forward), ("train_step_graph", step)):
+            for label, which in (("forward_graph", 0), ("train_step_graph", 1)):
+                fn = _unit_closures(shape, provider, batch, device, dtype, rotate)[which]
                 graphs = [_capture(lambda i=i: fn(i)) for i in range(rotate)]
                 out[label] = summary(time_ms(lambda i: graphs[i % rotate].replay(), device, warmup, repeats))
                 del graphs
@@ -328,10 +339,24 @@ def bench_model(suite: str, provider: str, batch: int, device: str, dtype: torch
             out["graph_error"] = "skipped after an earlier capture failed: " + _GRAPH_FAILED[0]
         else:
             try:
-                graph = _capture(lambda: train(0))
+                # A fresh model and optimizer: autograd nodes that ran on the
+                # default stream above would invalidate the capture.
+                g_model = copy.deepcopy(base_model).to(device).to(memory_format=fmt)
+                if provider in ("native", "triton"):
+                    convert(g_model, backend=provider)
+                g_opt = torch.optim.SGD(g_model.parameters(), lr=0.01, momentum=0.9)
+
+                def g_train():
+                    g_opt.zero_grad(set_to_none=True)
+                    with _autocast(device, dtype):
+                        loss = loss_fn(g_model(xs[0]), ys[0])
+                    loss.backward()
+                    g_opt.step()
+
+                graph = _capture(g_train)
                 out["train_step_graph"] = summary(time_ms(lambda i: graph.replay(), device, warmup, repeats))
                 out["train_images_per_s_graph"] = batch / (out["train_step_graph"]["median_ms"] * 1e-3)
-                del graph
+                del graph, g_model, g_opt
             except Exception as exc:  # noqa: BLE001  (reported beside the host-timed numbers)
                 out["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 _GRAPH_FAILED.append(out["graph_error"])
