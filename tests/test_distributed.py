@@ -62,6 +62,10 @@ def _worker(rank, world, port, mode, path, backend="native"):
         _train(ddp, [x[rank * share:(rank + 1) * share] for x in _data()])
         if rank == 0:
             torch.save(model.state_dict(), path)
+        # Both ranks done before either tears gloo down (a rank leaving early
+        # aborted the other once: "terminate called without an active exception").
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -69,7 +73,8 @@ def _worker(rank, world, port, mode, path, backend="native"):
 def _run(mode, tmp_path, world=2, backend="native", attempts=2):
     """Trains in ``world`` processes; returns rank 0's state_dict. A failure
     to set the process group up (the free port taken between choosing and
-    binding it) is retried once on another port; any other failure raises."""
+    binding it) or a worker killed by a signal is retried once on another
+    port; any other failure raises."""
     path = str(tmp_path / f"{mode}-{backend}.pt")
     for attempt in range(attempts):
         with socket.socket() as s:
@@ -81,6 +86,11 @@ def _run(mode, tmp_path, world=2, backend="native", attempts=2):
         except mp.ProcessRaisedException as exc:
             if attempt + 1 == attempts or not any(w in str(exc) for w in ("Address already in use", "Connection",
                                                                            "connect", "Timed out")):
+                raise
+        except mp.ProcessExitedException:
+            # A worker killed by a signal in gloo's setup or teardown (seen
+            # once in CI); a wrong result would raise in the comparison, not here.
+            if attempt + 1 == attempts:
                 raise
     return torch.load(path)
 
