@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32, help="image height and width")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per model")
-    parser.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "native", "triton", "torch"])
     args = parser.parse_args(argv)
 
     print("backends:")
