@@ -194,3 +194,36 @@ def test_a_failed_call_leaves_running_statistics_and_parameters_untouched():
         block(torch.randn(2, block.bn1.num_features, 8, 8, dtype=torch.float64))
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_torch_compile_of_a_converted_model():
+    torch._dynamo.reset()
+    ref = fused_preact.preact_resnet_cifar(11).double()
+    randomize_bn(ref)
+    fused = fused_preact.convert(copy.deepcopy(ref), backend="native")
+    compiled = torch.compile(fused, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    out = compiled(x)
+    out.square().mean().backward()
+    ref(x).square().mean().backward()
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+        assert _max_rel(b.grad, a.grad) < 1e-9, name
+
+
+def test_torch_compile_of_a_triton_block_has_no_graph_break():
+    pytest.importorskip("triton")
+    from fused_preact import triton_launch
+
+    if not torch.cuda.is_available() and not triton_launch.INTERPRET:
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    torch._dynamo.reset()
+    block = fused_preact.FusedPreActBottleneck(16, 8, stride=2, backend="triton").to(device, dtype)
+    ref = copy.deepcopy(block)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 16, 8, 8, dtype=dtype, device=device)
+    y = compiled(x)
+    y.square().sum().backward()
+    y_ref = ref._forward_torch(x)
+    assert _max_rel(y.detach(), y_ref.detach()) < (1e-10 if dtype == torch.float64 else 1e-4)
