@@ -4,9 +4,12 @@
 ``FusedPreActBasicBlock`` / ``FusedPreActBottleneck`` replace the reference
 blocks of ``fused_preact.reference`` (full pre-activation, identity or
 projection shortcut) with the same constructor arguments and the same
-``state_dict`` keys. Each unit runs through ``functional.bn_relu_conv2d``;
-a projection shortcut shares unit 1's batch statistics (one statistics pass,
-one running-stat update) and the last unit adds the shortcut in its epilogue.
+``state_dict`` keys. Their forward, and that of every other block class
+``convert`` knows (timm's resnetv2 blocks, ``register_block``), is the one in
+``blocks.py``: each unit runs as one fused op, a projection shortcut shares
+unit 1's batch statistics (one statistics pass, one running-stat update),
+and the last unit adds the shortcut in its epilogue. ``convert``/``unconvert``
+swap classes in place, keeping the very same submodules.
 """
 
 from __future__ import annotations
