@@ -13,31 +13,14 @@ set -u -o pipefail
 OUT=$(realpath -m "${1:?usage: gpu_check.sh OUTDIR [suites]}")
 SUITES=${2:-units,cifar,imagenet}
 mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-PY=${PYTHON:-python3}
 LOG=$OUT/gpu_check.log
-T0=$(date +%s)
-
-step() {  # step NAME LIMIT_SECONDS COMMAND...: runs with a limit, appends to the log, never aborts the script
-  local name=$1 limit=$2 start rc
-  shift 2
-  start=$(date +%s)
-  echo "=== $name (limit ${limit}s, at +$((start - T0))s): $*" | tee -a "$LOG"
-  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
-  rc=$?
-  echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$LOG"
-}
+# shellcheck source=benchmarks/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
 
 step environment 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
   $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())';
   nvcc --version | tail -n 2; nproc; git log -1 --format='commit %H %s' 2>/dev/null || true"
-# The system compiler: built with the image's /opt/gcc g++ (its CXX), every
-# C++ exception from the extension (a TORCH_CHECK on bad input) crashed the
-# process with a segfault on the H200 image (2026-11-27).
-step build 150 env CC="${CC_FOR_TORCH:-gcc}" CXX="${CXX_FOR_TORCH:-g++}" LDSHARED="${CXX_FOR_TORCH:-g++} -shared" \
-  MAX_JOBS="$(nproc)" \
-  TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 $PY setup.py build_ext --inplace
+step build 150 env "${BUILD_ENV[@]}" $PY setup.py build_ext --inplace
 # Errors raised from the C++ ops must reach Python as exceptions (one run
 # segfaulted here): check it alone first, with the C++ runtime it loaded.
 step exceptions 60 bash -c "ldd fused_preact/_C*.so | grep -Ei 'stdc|gcc_s|torch' ; which g++ c++ gcc; g++ --version | head -n1;

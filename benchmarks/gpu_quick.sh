@@ -7,22 +7,10 @@
 set -u -o pipefail
 OUT=$(realpath -m "${1:?usage: gpu_quick.sh OUTDIR}")
 mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-PY=${PYTHON:-python3}
 LOG=$OUT/gpu_quick.log
-T0=$(date +%s)
-step() {
-  local name=$1 limit=$2 start rc
-  shift 2
-  start=$(date +%s)
-  echo "=== $name (limit ${limit}s, at +$((start - T0))s)" | tee -a "$LOG"
-  timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
-  rc=$?
-  echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$LOG"
-}
-step build 75 env CC=gcc CXX=g++ LDSHARED="g++ -shared" MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 \
-  $PY setup.py build_ext --inplace
+# shellcheck source=benchmarks/gpu_common.sh
+. "$(dirname "$0")/gpu_common.sh"
+step build 75 env "${BUILD_ENV[@]}" $PY setup.py build_ext --inplace
 step exceptions 20 $PY -c "
 import torch, fused_preact
 for dev in ('cpu', 'cuda'):
