@@ -15,7 +15,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import fused_preact  # noqa: E402
-from fused_preact import functional  # noqa: E402
 
 _NO_KERNEL = {"view", "_unsafe_view", "as_strided", "permute", "t", "transpose", "expand", "select", "slice",
               "unsqueeze", "squeeze", "detach", "alias", "empty", "empty_like", "new_empty", "empty_strided",

@@ -34,13 +34,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import functional
 from .memory import saved_tensor_bytes
 from .modules import FusedBNReLUConv2d, convert
 from .reference import preact_resnet_cifar, preact_resnet_imagenet
@@ -288,7 +287,7 @@ def bench_unit(shape: UnitShape, provider: str, batch: int, device: str, dtype: 
 # ------------------------------------------------------------------ models
 
 
-def _build_model(suite: str, device_kind: str, small: bool) -> tuple[nn.Module, tuple[int, ...], int]:
+def _build_model(suite: str, small: bool) -> tuple[nn.Module, tuple[int, ...], int]:
     if suite == "cifar":
         depth = 56 if small else 164
         return preact_resnet_cifar(depth, num_classes=10), (3, 32, 32), depth
@@ -400,7 +399,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def write_report(results: dict, out_dir: str) -> str:
-    lines = [f"# fused_preact benchmark", "",
+    lines = ["# fused_preact benchmark", "",
              f"{results['env']['device_name']}, torch {results['env']['torch']}, triton {results['env']['triton']}, "
              f"dtype {results['args']['dtype']}, {results['env']['date']}, commit {results['env']['git_commit']}",
              "", f"Command: `{results['command']}`", ""]
@@ -550,7 +549,7 @@ def _warm_one(job: tuple) -> Optional[str]:
             bench_unit(what, provider, batch, device, dtype, 1, 1, rotate=1)
         else:
             torch.manual_seed(0)
-            model, input_shape, _ = _build_model(what, device, small)
+            model, input_shape, _ = _build_model(what, small)
             bench_model(what, provider, batch, device, dtype, 1, 1, small, model, input_shape)
     except Exception as exc:  # noqa: BLE001  (the timed run reports it)
         return f"{type(exc).__name__}: {exc}"[:200]
@@ -697,7 +696,7 @@ def main(argv=None) -> int:
             else:
                 if what not in base_models:
                     torch.manual_seed(0)
-                    base_models[what] = _build_model(what, device, small)
+                    base_models[what] = _build_model(what, small)
                 model, input_shape, _ = base_models[what]
                 batch = batch_of(kind, what)
                 models.setdefault(what, {})[provider] = bench_model(what, provider, batch, device, dtype, warmup,

@@ -124,14 +124,6 @@ def decline_reason(block: nn.Module, spec: BlockSpec) -> Optional[str]:
     return None
 
 
-def _unit(name: str, norm: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: str,
-          residual: Optional[Tensor] = None, batch: Optional[Tensor] = None,
-          emit_stats: bool = False, sync: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-    from .modules import _unit as unit  # the per-unit checks, momentum rule and running statistics
-
-    return unit(name, norm, conv, x, backend, residual, batch, emit_stats, sync)
-
-
 # A block's output carries the batch statistics its last epilogue computed
 # (Triton), as (stats [2, C], the tensor's version counter): the next block
 # uses them instead of a statistics pass over its input, unless the tensor
@@ -154,7 +146,7 @@ def _incoming_moments(x: Tensor, backend: str) -> Optional[Tensor]:
 
 def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tensor) -> Tensor:
     """``block``'s forward, fused (backend already resolved, not "torch")."""
-    from .modules import _bn_momentum, _running
+    from .modules import _bn_momentum, _running, _unit  # the per-unit checks, momentum rule, statistics
 
     name = type(block).__name__
     sync = bool(getattr(block, "sync_bn", False))

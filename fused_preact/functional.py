@@ -89,6 +89,11 @@ def check_unit_inputs(name: str, x: Tensor, conv_weight: Tensor, bn_weight: Opti
                          f"{list(x.shape)}")
 
 
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """dtype of per-channel statistics and vectors: fp64 for fp64 x, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def memory_format_of(x: Tensor) -> torch.memory_format:
     """channels_last for a (non-trivially) channels_last tensor, else
     contiguous: the format every fused op gives its output."""
@@ -126,8 +131,7 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
         if training and running_mean is not None and x.numel() > 0:
             ops.update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     else:
-        sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean, var = running_mean.to(sdt), running_var.to(sdt)
+        mean, var = running_mean.to(stats_dtype(x)), running_var.to(stats_dtype(x))
     return mean, torch.rsqrt(var + eps), batch_stats
 
 

@@ -106,10 +106,6 @@ class _FusedPreActBlock(nn.Module):
     reference_cls: type = reference.PreActBasicBlock
     backend: str = "auto"
 
-    def _pairs(self) -> list[tuple[nn.BatchNorm2d, nn.Conv2d]]:
-        n = 3 if hasattr(self, "conv3") else 2
-        return [(getattr(self, f"bn{i}"), getattr(self, f"conv{i}")) for i in range(1, n + 1)]
-
     def _spec(self) -> blocks.BlockSpec:
         return _REFERENCE_SPECS[3 if hasattr(self, "conv3") else 2]
 

@@ -18,14 +18,10 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from .functional import conv_output_shape, memory_format_of, scale_shift
+from .functional import conv_output_shape, memory_format_of, scale_shift, stats_dtype
 
 _extension.require()
 ops = torch.ops.fused_preact
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------- fake kernels
@@ -36,7 +32,7 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 @torch.library.register_fake("fused_preact::bn_stats")
 def _bn_stats_fake(x):
     torch._check(x.dim() == 4, lambda: f"fused_preact::bn_stats: x must be 4-D, got {x.dim()}-D")
-    v = x.new_empty((x.shape[1],), dtype=_stats_dtype(x))
+    v = x.new_empty((x.shape[1],), dtype=stats_dtype(x))
     return v, torch.empty_like(v)
 
 
@@ -62,7 +58,7 @@ def _bn_relu_backward_apply_fake(grad_out, x, scale, shift, k1, k0):
 @torch.library.register_fake("fused_preact::add_stats")
 def _add_stats_fake(a, b):
     torch._check(a.shape == b.shape, lambda: "fused_preact::add_stats: a and b must have the same shape")
-    v = a.new_empty((a.shape[1],), dtype=_stats_dtype(a))
+    v = a.new_empty((a.shape[1],), dtype=stats_dtype(a))
     return torch.empty_like(a), v, torch.empty_like(v)
 
 

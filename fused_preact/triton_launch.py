@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import triton_kernels as K
 from .functional import memory_format_of as _format_of
+from .functional import stats_dtype
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # FUSED_PREACT_TRITON_AUTOTUNE=0: the first config of each set, no tuning
@@ -60,10 +61,6 @@ def _dot(dtype: torch.dtype) -> tuple[object, str, bool]:
         raise RuntimeError(f"the Triton backend supports float16, bfloat16, float32 and float64, got {dtype}")
     precision = "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
     return _DOT_DTYPE[dtype], precision, dtype == torch.float64
-
-
-def stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _strides(t: Tensor) -> tuple[int, int, int, int]:

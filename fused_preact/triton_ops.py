@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import triton_launch as L
-from .functional import conv_output_shape, memory_format_of
+from .functional import conv_output_shape, memory_format_of, stats_dtype
 
 
 def _bn_shape(x: Tensor) -> tuple[int, ...]:
@@ -48,7 +48,7 @@ def bn_stats(x: Tensor) -> Tensor:
 
 @bn_stats.register_fake
 def _bn_stats_fake(x):
-    return x.new_empty((2, x.shape[1]), dtype=L.stats_dtype(x))
+    return x.new_empty((2, x.shape[1]), dtype=stats_dtype(x))
 
 
 @torch.library.custom_op("fused_preact::triton_bn_prepare", mutates_args=("running_mean", "running_var"))
@@ -62,7 +62,7 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
 @bn_prepare.register_fake
 def _bn_prepare_fake(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps,
                      global_count=0):
-    return x.new_empty(_bn_shape(x), dtype=L.stats_dtype(x))
+    return x.new_empty(_bn_shape(x), dtype=stats_dtype(x))
 
 
 @torch.library.custom_op("fused_preact::triton_bn_relu_conv2d", mutates_args=())

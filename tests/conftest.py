@@ -34,6 +34,32 @@ def randomize_bn(model, bias=0.5):
     return model
 
 
+def forward_backward(models, x, seed=None):
+    """For each model: clear its gradients, forward x, backward mean(out^2);
+    returns the outputs. ``seed`` re-seeds before each forward (DropPath
+    then draws the same masks in every model)."""
+    outs = []
+    for model in models:
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().mean().backward()
+        outs.append(out)
+    return outs
+
+
+def triton_device():
+    """Where the Triton kernels run here: "cuda" with a GPU, "cpu" under the
+    interpreter; skips the test otherwise."""
+    pytest.importorskip("triton")
+    from fused_preact import triton_launch
+
+    if not torch.cuda.is_available() and not triton_launch.INTERPRET:
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def assert_close(actual, expected, dtype=None, msg=""):
     rtol, atol = TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_preact
-from conftest import randomize_bn
+from conftest import forward_backward, randomize_bn, triton_device
 
 pytestmark = pytest.mark.skipif(not fused_preact.backends()["native"]["available"],
                                 reason="fused_preact._C is not built")
@@ -98,12 +98,8 @@ def test_user_registered_blocks_convert_and_train_alike(registered, block):
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, fused)]
     for _ in range(2):
         x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
-        outs = []
-        for model, opt in zip((ref, fused), opts):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            outs.append(out)
+        outs = forward_backward((ref, fused), x)
+        for opt in opts:
             opt.step()
         assert _max_rel(outs[1], outs[0]) < 1e-10
     for a, b in zip(ref.parameters(), fused.parameters()):
@@ -211,12 +207,7 @@ def test_torch_compile_of_a_converted_model():
 
 
 def test_torch_compile_of_a_triton_block_has_no_graph_break():
-    pytest.importorskip("triton")
-    from fused_preact import triton_launch
-
-    if not torch.cuda.is_available() and not triton_launch.INTERPRET:
-        pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = triton_device()
     dtype = torch.float64 if device == "cpu" else torch.float32
     torch._dynamo.reset()
     block = fused_preact.FusedPreActBottleneck(16, 8, stride=2, backend="triton").to(device, dtype)

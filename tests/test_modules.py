@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fused_preact
-from conftest import randomize_bn
+from conftest import forward_backward, randomize_bn
 from fused_preact import reference
 from fused_preact.memory import saved_tensor_bytes
 
@@ -36,12 +36,7 @@ def test_converted_model_trains_like_the_reference(build, size, channels_last):
     opt_fused = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
     for step in range(3):
         x = torch.randn(4, 3, size, size, dtype=torch.float64).to(memory_format=fmt)
-        outs = []
-        for model, opt in ((ref_model, opt_ref), (fused, opt_fused)):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            outs.append(out)
+        outs = forward_backward((ref_model, fused), x)
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
         for (name, a), b in zip(ref_model.named_parameters(), fused.parameters()):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")

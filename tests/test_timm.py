@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fused_preact
-from conftest import randomize_bn
+from conftest import forward_backward, randomize_bn, triton_device
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.skipif(not fused_preact.backends()["native"]["available"],
@@ -34,14 +34,7 @@ def _train_and_compare(ref, fused, size, steps=2, channels_last=True, seed_each_
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, fused)]
     for step in range(steps):
         x = torch.randn(2, 3, size, size, dtype=torch.float64).to(memory_format=fmt)
-        outs = []
-        for model, opt in zip((ref, fused), opts):
-            if seed_each_step:
-                torch.manual_seed(100 + step)  # DropPath draws the same masks in both
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            outs.append(out)
+        outs = forward_backward((ref, fused), x, seed=100 + step if seed_each_step else None)
         assert (outs[1] - outs[0]).abs().max() / outs[0].abs().max() < 1e-7, f"outputs, step {step}"
         for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
             # fp64 rounding through 16+ blocks of BatchNorm backward: relative
@@ -130,12 +123,7 @@ def _tiny_resnetv2(basic: bool, avg_down: bool):
 
 @pytest.mark.parametrize("basic, avg_down", [(True, False), (False, True)], ids=["basic", "bottleneck-d"])
 def test_timm_blocks_on_the_triton_backend(basic, avg_down):
-    pytest.importorskip("triton")
-    from fused_preact import triton_launch
-
-    if not torch.cuda.is_available() and not triton_launch.INTERPRET:
-        pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = triton_device()
     # The interpreter checks in fp64; on a GPU fp32 without TF32 (fp64 Triton
     # kernels take ~45 s each to compile there).
     dtype, tol = (torch.float64, 1e-8) if device == "cpu" else (torch.float32, 1e-4)

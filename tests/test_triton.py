@@ -15,7 +15,7 @@ import torch
 
 import fused_preact
 from fused_preact import functional
-from conftest import assert_close, randomize_bn
+from conftest import assert_close, forward_backward, randomize_bn
 
 triton = pytest.importorskip("triton")
 from fused_preact import triton_launch, triton_ops  # noqa: E402
@@ -210,12 +210,7 @@ def test_converted_model_trains_like_the_reference(build):
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, fused)]
     for step in range(2):
         x = torch.randn(2, 3, 8, 8, dtype=REF_DTYPE, device=DEVICE).to(memory_format=torch.channels_last)
-        outs = []
-        for model, opt in zip((ref, fused), opts):
-            opt.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            outs.append(out)
+        outs = forward_backward((ref, fused), x)
         torch.testing.assert_close(outs[1], outs[0], **_model_tol())
         for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
             torch.testing.assert_close(b.grad, a.grad, **_model_tol(), msg=lambda m: f"{name}: {m}")
