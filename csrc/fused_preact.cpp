@@ -55,6 +55,20 @@ std::pair<at::Tensor, at::Tensor> checked_dense_pair(const at::Tensor& x_in, con
   return {x, other.contiguous(x.suggest_memory_format())};
 }
 
+BackwardReduceArgs backward_reduce_args(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                        const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift) {
+  const char* op = "fused_preact::bn_relu_backward_reduce";
+  BackwardReduceArgs a;
+  std::tie(a.x, a.grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", op);
+  check_channel_vectors(a.x, {{&mean, "mean"}, {&scale, "scale"}, {&shift, "shift"}}, op);
+  a.mean = mean.contiguous();
+  a.scale = scale.contiguous();
+  a.shift = shift.contiguous();
+  a.sum_gz = at::zeros({a.x.size(1)}, mean.options());
+  a.sum_gz_xc = at::zeros({a.x.size(1)}, mean.options());
+  return a;
+}
+
 at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -32,6 +32,15 @@ void check_channel_vectors(const at::Tensor& x,
 std::pair<at::Tensor, at::Tensor> checked_dense_pair(const at::Tensor& x, const at::Tensor& other,
                                                      const char* other_name, const char* op);
 
+// The device-independent part of bn_relu_backward_reduce: checked, dense
+// (x, grad_out), contiguous per-channel vectors and the zeroed outputs.
+// Plain tensors (no structured bindings): the dispatch lambdas capture them.
+struct BackwardReduceArgs {
+  at::Tensor x, grad_out, mean, scale, shift, sum_gz, sum_gz_xc;
+};
+BackwardReduceArgs backward_reduce_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                                        const at::Tensor& scale, const at::Tensor& shift);
+
 // (count, mean, M2) partials merged with Chan's formula: stable where the
 // textbook sum(x^2) - M*mean^2 cancels catastrophically.
 struct Welford {

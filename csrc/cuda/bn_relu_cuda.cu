@@ -267,16 +267,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_stats_cuda(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                                 const at::Tensor& mean, const at::Tensor& scale,
                                                                 const at::Tensor& shift) {
-  const char* op = "fused_preact::bn_relu_backward_reduce";
-  at::Tensor x, grad_out;
-  std::tie(x, grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", op);
-  check_channel_vectors(x, {{&mean, "mean"}, {&scale, "scale"}, {&shift, "shift"}}, op);
   c10::cuda::CUDAGuard guard(x_in.device());
+  BackwardReduceArgs a = backward_reduce_args(grad_out_in, x_in, mean, scale, shift);
+  const at::Tensor &x = a.x, &grad_out = a.grad_out, &m = a.mean, &s = a.scale, &b = a.shift;
+  const at::Tensor &sum_gz = a.sum_gz, &sum_gz_xc = a.sum_gz_xc;
   const int64_t C = x.size(1);
-  at::Tensor sum_gz = at::zeros({C}, mean.options());
-  at::Tensor sum_gz_xc = at::zeros({C}, mean.options());
   if (x.numel() == 0) return {sum_gz, sum_gz_xc};
-  at::Tensor m = mean.contiguous(), s = scale.contiguous(), b = shift.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BackwardSumsVisitor<scalar_t> visit{grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
