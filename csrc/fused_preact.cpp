@@ -13,9 +13,21 @@
 
 // `import fused_preact._C` needs a module init; the ops register themselves
 // through the static initialisers of TORCH_LIBRARY blocks when the .so loads.
+// `_C.openmp` records whether this file was compiled with OpenMP: without it
+// at::parallel_for silently runs on one thread (see setup.py).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef _OPENMP
+  const long openmp = 1;
+#else
+  const long openmp = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "openmp", openmp) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 namespace fused_preact {

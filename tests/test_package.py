@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import fused_preact
 
@@ -44,3 +45,17 @@ def test_cuda_kernels_were_compiled():
     from fused_preact import _extension
 
     assert _extension.has_cuda_kernels()
+
+
+def test_cpu_ops_were_compiled_with_openmp():
+    # torch's OpenMP builds parallelise at::parallel_for with `#pragma omp`;
+    # compiled without -fopenmp our CPU ops would silently run on one thread.
+    from fused_preact import _extension
+
+    if not _extension.load():
+        pytest.skip(_extension.error())
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch does not parallelise with OpenMP")
+    import fused_preact._C as compiled
+
+    assert compiled.openmp == 1
