@@ -2,7 +2,8 @@
 
     python benchmarks/bench_native_ops.py [--device cpu|cuda] [--repeats 20] [--json out.json]
 
-Providers, measured in the same run on the same inputs:
+Providers, measured in the same run on the same inputs, in interleaved rounds;
+the speed-up is the median of the per-round ratios eager/native:
   bn_relu   BN(training) + ReLU forward + backward: eager nn.BatchNorm2d + nn.ReLU
             vs the native ops (bn_stats, bn_relu, bn_relu_backward)
   unit      BN -> ReLU -> 3x3 conv training step: eager vs backend="native",
@@ -26,19 +27,34 @@ from fused_preact.memory import saved_tensor_bytes
 ops = torch.ops.fused_preact
 
 
-def _median_seconds(fn, repeats: int, device: str) -> tuple[float, float]:
-    for _ in range(3):  # warm-up
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), (statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0])
+def _time_once(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def compare(fns: dict, repeats: int, device: str) -> dict:
+    """Times the functions in interleaved rounds (A B A B ..., the order
+    alternating between rounds) so that a slow spell of a shared machine hits
+    every provider alike. Returns each one's median seconds and, for every
+    provider after the first, the median of its per-round ratio first/it."""
+    names = list(fns)
+    for name in names:  # warm-up
+        for _ in range(3):
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(_time_once(fns[name], device))
+    base = names[0]
+    out = {name: statistics.median(t) for name, t in times.items()}
+    for name in names[1:]:
+        out[f"{base}/{name}"] = statistics.median(b / t for b, t in zip(times[base], times[name]))
+    return out
 
 
 def bench(shape, fmt_name, device, repeats):
@@ -61,12 +77,14 @@ def bench(shape, fmt_name, device, repeats):
         ops.bn_relu(x.detach(), scale, shift)
         ops.bn_relu_backward(g, x.detach(), mean, invstd, gamma.detach(), beta.detach(), True)
 
-    copy_s, _ = _median_seconds(lambda: x.detach().clone(), repeats, device)
+    # One copy of x into an existing buffer: the memory-traffic yardstick
+    # (a fresh tensor would also pay the page faults of a new allocation).
+    buffer = torch.empty_like(x)
+    copy_s = compare({"copy": lambda: buffer.copy_(x.detach())}, repeats, device)["copy"]
     rows = []
-    e, e_iqr = _median_seconds(eager_bn_relu, repeats, device)
-    n, n_iqr = _median_seconds(native_bn_relu, repeats, device)
-    rows.append(dict(case="bn_relu fwd+bwd", shape=shape, layout=fmt_name, eager_ms=e * 1e3, native_ms=n * 1e3,
-                     speedup=e / n, eager_over_copy=e / copy_s))
+    t = compare({"eager": eager_bn_relu, "native": native_bn_relu}, repeats, device)
+    rows.append(dict(case="bn_relu fwd+bwd", shape=shape, layout=fmt_name, eager_ms=t["eager"] * 1e3,
+                     native_ms=t["native"] * 1e3, speedup=t["eager/native"], eager_over_copy=t["eager"] / copy_s))
 
     conv = nn.Conv2d(C, C, 3, padding=1, bias=False).to(device).to(memory_format=fmt)
 
@@ -77,13 +95,12 @@ def bench(shape, fmt_name, device, repeats):
         fused_preact.bn_relu_conv2d(x, conv.weight, gamma, beta, bn.running_mean, bn.running_var, training=True,
                                     padding=1, backend="native").backward(g)
 
-    e, _ = _median_seconds(eager_unit, repeats, device)
-    n, _ = _median_seconds(native_unit, repeats, device)
+    t = compare({"eager": eager_unit, "native": native_unit}, repeats, device)
     saved_e = saved_tensor_bytes(lambda: conv(torch.relu(bn(x))))
     saved_n = saved_tensor_bytes(lambda: fused_preact.bn_relu_conv2d(
         x, conv.weight, gamma, beta, bn.running_mean, bn.running_var, training=True, padding=1, backend="native"))
-    rows.append(dict(case="unit 3x3 train step", shape=shape, layout=fmt_name, eager_ms=e * 1e3, native_ms=n * 1e3,
-                     speedup=e / n, saved_ratio=saved_n / saved_e))
+    rows.append(dict(case="unit 3x3 train step", shape=shape, layout=fmt_name, eager_ms=t["eager"] * 1e3,
+                     native_ms=t["native"] * 1e3, speedup=t["eager/native"], saved_ratio=saved_n / saved_e))
     return rows
 
 
@@ -102,7 +119,7 @@ def main():
     print(f"{'case':22s} {'shape':18s} {'layout':14s} {'eager ms':>9s} {'native ms':>10s} {'speed-up':>9s}  extra")
     for r in rows:
         extra = (f"saved bytes {100 * r['saved_ratio']:.0f}% of eager" if "saved_ratio" in r
-                 else f"eager = {r['eager_over_copy']:.0f} copies of x")
+                 else f"eager = {r['eager_over_copy']:.0f} copies of x into a buffer")
         print(f"{r['case']:22s} {str(r['shape']):18s} {r['layout']:14s} {r['eager_ms']:9.2f} {r['native_ms']:10.2f} "
               f"{r['speedup']:8.2f}x  {extra}")
     if args.json:

@@ -69,6 +69,16 @@ int64_t chunk_rows(int64_t channels) { return std::max<int64_t>(1, 16384 / std::
 
 // ---------------------------------------------------------------- statistics
 
+// Plane reductions keep kUnroll independent vector accumulators: with one,
+// every add waits for the previous one (4 cycles of latency), which made the
+// statistics pass about 2x slower than torch's sum over the same data.
+constexpr int64_t kUnroll = 4;
+
+template <typename acc_t>
+acc_t reduce_add(const Vectorized<acc_t> (&acc)[kUnroll]) {
+  return reduce_add((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
 // (mean, M2) of one contiguous run of values: mean first, then the centred
 // sum of squares, both in the compute type.
 template <typename scalar_t>
@@ -76,17 +86,26 @@ std::pair<double, double> run_mean_m2(const scalar_t* p, int64_t len) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  Vec vsum(0);
+  constexpr int64_t kStep = kUnroll * IO::kSize;
+  Vec vsum[kUnroll] = {Vec(0), Vec(0), Vec(0), Vec(0)};
   int64_t i = 0;
-  for (; i + IO::kSize <= len; i += IO::kSize) vsum += IO::load(p + i);
+  for (; i + kStep <= len; i += kStep)
+    for (int64_t u = 0; u < kUnroll; ++u) vsum[u] += IO::load(p + i + u * IO::kSize);
+  for (; i + IO::kSize <= len; i += IO::kSize) vsum[0] += IO::load(p + i);
   acc_t sum = reduce_add(vsum);
   for (; i < len; ++i) sum += static_cast<acc_t>(p[i]);
   const acc_t mean = sum / static_cast<acc_t>(len);
-  Vec vm2(0), vmean(mean);
+  Vec vm2[kUnroll] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+  const Vec vmean(mean);
   i = 0;
+  for (; i + kStep <= len; i += kStep)
+    for (int64_t u = 0; u < kUnroll; ++u) {
+      const Vec d = IO::load(p + i + u * IO::kSize) - vmean;
+      vm2[u] = at::vec::fmadd(d, d, vm2[u]);
+    }
   for (; i + IO::kSize <= len; i += IO::kSize) {
-    Vec d = IO::load(p + i) - vmean;
-    vm2 = at::vec::fmadd(d, d, vm2);
+    const Vec d = IO::load(p + i) - vmean;
+    vm2[0] = at::vec::fmadd(d, d, vm2[0]);
   }
   acc_t m2 = reduce_add(vm2);
   for (; i < len; ++i) {
@@ -380,14 +399,17 @@ struct BnReluBackwardSums {
 
   std::pair<double, double> plane(int64_t off, int64_t len, int64_t c) const {
     const Vec m(mean[c]), s(scale[c]), b(shift[c]), zero(0);
-    Vec vg(0), vgx(0);
-    int64_t i = 0;
-    for (; i + IO::kSize <= len; i += IO::kSize) {
+    Vec vg[kUnroll] = {zero, zero, zero, zero}, vgx[kUnroll] = {zero, zero, zero, zero};
+    auto accumulate = [&](int64_t i, int64_t u) {
       const Vec xv = IO::load(x + off + i);
       const Vec gz = Vec::blendv(zero, IO::load(grad_out + off + i), at::vec::fmadd(xv, s, b) > zero);
-      vg += gz;
-      vgx = at::vec::fmadd(gz, xv - m, vgx);
-    }
+      vg[u] += gz;
+      vgx[u] = at::vec::fmadd(gz, xv - m, vgx[u]);
+    };
+    int64_t i = 0;
+    for (; i + kUnroll * IO::kSize <= len; i += kUnroll * IO::kSize)
+      for (int64_t u = 0; u < kUnroll; ++u) accumulate(i + u * IO::kSize, u);
+    for (; i + IO::kSize <= len; i += IO::kSize) accumulate(i, 0);
     acc_t sg = reduce_add(vg), sgx = reduce_add(vgx);
     for (; i < len; ++i) {
       const acc_t xv = x[off + i];
