@@ -100,16 +100,10 @@ at::Tensor dense(const at::Tensor& x) {
   return x.contiguous(x.suggest_memory_format());
 }
 
-namespace {
-
-// gx = gz * scale + x * k1 + k0, with gz = grad_out * [x*scale + shift > 0].
-// Training: ggamma = invstd * S, gbeta = G with G = sum gz, S = sum gz*(x-mean);
-//   gx = scale*(gz - G/M - xhat*ggamma/M)  =>  k1 = -scale*invstd^2*S/M,
-//   k0 = -scale*G/M - k1*mean.
-// Eval: k1 = k0 = 0.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
+std::pair<at::Tensor, at::Tensor> bn_relu_backward_checks(const at::Tensor& grad_out, const at::Tensor& x,
+                                                         const at::Tensor& mean, const at::Tensor& invstd,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const std::optional<at::Tensor>& bias) {
   const char* op = "fused_preact::bn_relu_backward";
   check_bn_input(x, op);
   check_same_as_x(grad_out, x, "grad_out", op);
@@ -119,6 +113,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
   at::Tensor beta = bias.has_value() ? *bias : at::zeros_like(mean);
   check_channel_vector(gamma, x, "weight", op);
   check_channel_vector(beta, x, "bias", op);
+  return {gamma, beta};
+}
+
+// gx = gz * scale + x * k1 + k0, with gz = grad_out * [x*scale + shift > 0].
+// Training: ggamma = invstd * S, gbeta = G with G = sum gz, S = sum gz*(x-mean);
+//   gx = scale*(gz - G/M - xhat*ggamma/M)  =>  k1 = -scale*invstd^2*S/M,
+//   k0 = -scale*G/M - k1*mean.
+// Eval: k1 = k0 = 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_two_pass(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
+  auto [gamma, beta] = bn_relu_backward_checks(grad_out, x, mean, invstd, weight, bias);
   at::Tensor scale = gamma * invstd;
   at::Tensor shift = beta - mean * scale;
   static auto reduce_op = c10::Dispatcher::singleton()
@@ -146,6 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
   at::Tensor grad_x = apply_op.call(grad_out, x, scale, shift, k1, k0);
   return {grad_x, grad_weight, grad_bias};
 }
+
+namespace {
 
 // running_mean <- (1 - m) * running_mean + m * mean
 // running_var  <- (1 - m) * running_var  + m * var * M / (M - 1)   (unbiased)
@@ -198,6 +206,8 @@ TORCH_LIBRARY(fused_preact, m) {
 }
 
 TORCH_LIBRARY_IMPL(fused_preact, CompositeExplicitAutograd, m) {
-  m.impl("bn_relu_backward", &fused_preact::bn_relu_backward);
+  // Every device: the reduce op, then the apply op. CPU registers a one-sweep
+  // kernel for NCHW inputs (cpu/bn_relu_cpu.cpp) that falls back to this.
+  m.impl("bn_relu_backward", &fused_preact::bn_relu_backward_two_pass);
   m.impl("update_running_stats", &fused_preact::update_running_stats);
 }

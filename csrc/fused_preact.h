@@ -41,6 +41,19 @@ struct BackwardReduceArgs {
 BackwardReduceArgs backward_reduce_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                                         const at::Tensor& scale, const at::Tensor& shift);
 
+// bn_relu_backward's argument checks; returns (gamma, beta) with the
+// defaults (ones, zeros) filled in for absent weight/bias.
+std::pair<at::Tensor, at::Tensor> bn_relu_backward_checks(const at::Tensor& grad_out, const at::Tensor& x,
+                                                         const at::Tensor& mean, const at::Tensor& invstd,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const std::optional<at::Tensor>& bias);
+
+// bn_relu_backward as two dispatched ops (bn_relu_backward_reduce, then
+// bn_relu_backward_apply): the device-generic implementation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_two_pass(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training);
+
 // (count, mean, M2) partials merged with Chan's formula: stable where the
 // textbook sum(x^2) - M*mean^2 cancels catastrophically.
 struct Welford {

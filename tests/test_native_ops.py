@@ -26,6 +26,7 @@ SHAPES = [
     (1, 6, 4, 4),    # N = 1 with H*W > 1
     (3, 17, 3, 5),   # C not a power of two, wider than one AVX vector
     (4, 32, 8, 8),   # a "nice" shape: full vectors everywhere
+    (2, 83, 3, 3),   # channels-last: whole 4-vector channel blocks (AVX-512 and AVX2), single vectors, scalar tail
 ]
 
 
@@ -82,11 +83,12 @@ def test_bn_stats_of_a_non_contiguous_input():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_bn_relu_apply(device, layout, dtype, with_residual):
-    x = _x((2, 11, 5, 6), device, dtype, layout)
+@pytest.mark.parametrize("channels", [11, 83])  # 83: vector channel blocks and tails in channels-last
+def test_bn_relu_apply(device, layout, dtype, with_residual, channels):
+    x = _x((2, channels, 5, 6), device, dtype, layout)
     stats = torch.float64 if dtype == torch.float64 else torch.float32
-    scale = torch.randn(11, dtype=stats, device=device)
-    shift = torch.randn(11, dtype=stats, device=device)
+    scale = torch.randn(channels, dtype=stats, device=device)
+    shift = torch.randn(channels, dtype=stats, device=device)
     residual = torch.randn_like(x) if with_residual else None
     out = ops.bn_relu(x, scale, shift, residual)
     expected = torch.relu(x.to(stats) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
@@ -131,6 +133,46 @@ def test_bn_relu_backward_matches_autograd(device, layout, training, shape):
     got = ops.bn_relu_backward(g, x.detach(), mean, torch.rsqrt(var + 1e-5), gamma.detach(), beta.detach(), training)
     for name, e, r in zip(("grad_x", "grad_weight", "grad_bias"), expected, got):
         assert_close(r, e, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_relu_backward_one_sweep_matches_the_two_passes(dtype, affine, training):
+    # On CPU, NCHW inputs with >= 2 channels per thread take the one-sweep
+    # kernel (reduce and apply per channel); the reduce + apply ops are the
+    # two-pass path every other case takes. H*W = 99 covers the unrolled
+    # loop, single vectors and the scalar tail.
+    torch.manual_seed(0)
+    C = max(8, 2 * torch.get_num_threads())
+    x = torch.randn(2, C, 9, 11).mul(2).add(0.5).to(dtype)
+    g = torch.randn(2, C, 9, 11).to(dtype)
+    mean, var = ops.bn_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    gamma = torch.rand(C) + 0.5 if affine else None
+    beta = torch.randn(C) if affine else None
+    got = ops.bn_relu_backward(g, x, mean, invstd, gamma, beta, training)
+    scale = invstd * (gamma if affine else 1)
+    shift = (beta if affine else 0) - mean * scale
+    sum_gz, sum_gz_xc = ops.bn_relu_backward_reduce(g, x, mean, scale, shift)
+    count = x.numel() // C
+    k1 = -scale * invstd * (sum_gz_xc * invstd) / count if training else torch.zeros(C)
+    k0 = -scale * sum_gz / count - k1 * mean if training else torch.zeros(C)
+    expected = (ops.bn_relu_backward_apply(g, x, scale, shift, k1, k0), sum_gz_xc * invstd, sum_gz)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for name, r, e in zip(("grad_x", "grad_weight", "grad_bias"), got, expected):
+        torch.testing.assert_close(r.float(), e.float(), rtol=tol, atol=tol, msg=name)
+    # and both against autograd in float64
+    xd = x.double().requires_grad_()
+    gd = None if gamma is None else gamma.double().requires_grad_()
+    bd = None if beta is None else beta.double().requires_grad_()
+    rm, rv = mean.double(), var.double()
+    a = torch.relu(F.batch_norm(xd, rm.clone(), rv.clone(), gd, bd, training, 0.1, 1e-5))
+    ref = torch.autograd.grad(a, [t for t in (xd, gd, bd) if t is not None], g.double())
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=5 * tol, atol=5 * tol)
+    if affine:
+        torch.testing.assert_close(got[1].double(), ref[1], rtol=5 * tol, atol=5 * tol * count ** 0.5)
+        torch.testing.assert_close(got[2].double(), ref[2], rtol=5 * tol, atol=5 * tol * count ** 0.5)
 
 
 # --------------------------------------------------------- running statistics
