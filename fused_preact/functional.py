@@ -169,7 +169,7 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
     if backend == "triton":
         from . import triton_ops
 
-        bn = triton_ops.bn_prepare(x.detach(), batch, None if bn_weight is None else bn_weight.detach(),
+        bn = triton_ops.prepare(x.detach(), batch, None if bn_weight is None else bn_weight.detach(),
                                    None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
                                    training, momentum, eps)
         return (bn, 0), batch_stats
@@ -196,14 +196,14 @@ def fused_unit(x: Tensor, conv_weight: Tensor, bn_state: object, bn_weight: Opti
         from . import triton_ops
 
         bn, global_count = bn_state
-        y, stats = triton_ops.bn_relu_conv2d(x, conv_weight, bn, bn_weight, bn_bias, batch_stats, stride, padding,
-                                             residual, emit_stats, global_count)
+        y, stats = triton_ops.unit(x, conv_weight, bn, bn_weight, bn_bias, batch_stats, stride, padding, residual,
+                                   emit_stats, global_count)
         return y, (stats if emit_stats else None)
     from . import native
 
     mean, invstd, global_count = bn_state
-    return native.bn_relu_conv2d(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride, padding,
-                                 residual, global_count), None
+    return native.unit(x, conv_weight, mean, invstd, bn_weight, bn_bias, batch_stats, stride, padding, residual,
+                       global_count), None
 
 
 def autocast_inputs(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:

@@ -140,12 +140,9 @@ torch.library.register_autograd("fused_preact::add_stats", _add_stats_backward, 
 # with the fused BN formula); they receive no gradient of their own.
 
 
-@torch.library.custom_op("fused_preact::bn_relu_conv2d", mutates_args=())
-def bn_relu_conv2d(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
-                   bn_bias: Optional[Tensor], training: bool, stride: int, padding: int,
-                   residual: Optional[Tensor], global_count: int = 0) -> Tensor:
-    """``global_count`` > 0: synchronized BatchNorm (mean/invstd are the
-    global batch's; backward all-reduces its sums and divides by this count)."""
+def _unit_forward(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                  bn_bias: Optional[Tensor], training: bool, stride: int, padding: int,
+                  residual: Optional[Tensor], global_count: int = 0) -> Tensor:
     scale, shift = scale_shift(mean, invstd, bn_weight, bn_bias)
     a = ops.bn_relu(x, scale, shift)
     y = torch.nn.functional.conv2d(a, weight, None, stride, padding)
@@ -158,6 +155,16 @@ def bn_relu_conv2d(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_w
     if residual is not None:
         y = y.add_(residual)
     return y
+
+
+@torch.library.custom_op("fused_preact::bn_relu_conv2d", mutates_args=())
+def bn_relu_conv2d(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+                   bn_bias: Optional[Tensor], training: bool, stride: int, padding: int,
+                   residual: Optional[Tensor], global_count: int = 0) -> Tensor:
+    """``global_count`` > 0: synchronized BatchNorm (mean/invstd are the
+    global batch's; backward all-reduces its sums and divides by this count)."""
+    return _unit_forward(x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual,
+                         global_count)
 
 
 @bn_relu_conv2d.register_fake
@@ -200,6 +207,34 @@ def _unit_backward(ctx, grad_y):
 
 
 bn_relu_conv2d.register_autograd(_unit_backward, setup_context=_unit_setup_context)
+
+
+class _EagerUnit(torch.autograd.Function):
+    """The custom op's forward and backward, minus the custom-op layer."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y = _unit_forward(*inputs)
+        _unit_setup_context(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _unit_backward(ctx, grad_y)
+
+
+def unit(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
+         bn_bias: Optional[Tensor], training: bool, stride: int, padding: int, residual: Optional[Tensor],
+         global_count: int = 0) -> Tensor:
+    """The fused unit: under torch.compile the op ``fused_preact::bn_relu_conv2d``
+    (one opaque node for the compiler), in eager mode the same forward and
+    backward through an autograd.Function, which skips the Python of the
+    custom-op layer (about 100 us per training step on this project's CPU:
+    benchmarks/host_overhead.py)."""
+    args = (x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual, global_count)
+    if torch.compiler.is_compiling():
+        return bn_relu_conv2d(*args)
+    return _EagerUnit.apply(*args)
 
 
 def _synchronized_bn_relu_backward(grad_a, x, mean, invstd, scale, shift, global_count):

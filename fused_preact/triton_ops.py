@@ -65,13 +65,19 @@ def _bn_prepare_fake(x, batch_moments, gamma, beta, running_mean, running_var, t
     return x.new_empty(_bn_shape(x), dtype=stats_dtype(x))
 
 
+def _unit_forward(x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats,
+                  global_count=0):
+    y, stats = L.conv_forward(x, weight, bn, stride, padding, residual, emit_stats)
+    return y, (stats if stats is not None else bn.new_empty((0,)))
+
+
 @torch.library.custom_op("fused_preact::triton_bn_relu_conv2d", mutates_args=())
 def bn_relu_conv2d(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    training: bool, stride: int, padding: int, residual: Optional[Tensor],
                    emit_stats: bool, global_count: int = 0) -> tuple[Tensor, Tensor]:
     """(y, y's [2, K] mean and biased variance, or an empty tensor unless emit_stats)."""
-    y, stats = L.conv_forward(x, weight, bn, stride, padding, residual, emit_stats)
-    return y, (stats if stats is not None else bn.new_empty((0,)))
+    return _unit_forward(x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats,
+                         global_count)
 
 
 @bn_relu_conv2d.register_fake
@@ -81,15 +87,21 @@ def _bn_relu_conv2d_fake(x, weight, bn, bn_weight, bn_bias, training, stride, pa
     return y, bn.new_empty((2, weight.shape[0]) if emit_stats else (0,))
 
 
+def _unit_backward(grad_y, x, weight, bn, training, stride, padding, need_input_grads, need_weight_grad,
+                   global_count=0):
+    gx, gw, bn_grads = L.conv_backward(grad_y, x, weight, bn, training, stride, padding, need_input_grads,
+                                       need_weight_grad, global_count)
+    return (gx if gx is not None else x.new_empty((0,)), gw if gw is not None else weight.new_empty((0,)),
+            bn_grads if bn_grads is not None else bn.new_empty((0,)))
+
+
 @torch.library.custom_op("fused_preact::triton_bn_relu_conv2d_backward", mutates_args=())
 def bn_relu_conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, training: bool, stride: int,
                             padding: int, need_input_grads: bool, need_weight_grad: bool,
                             global_count: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, [2, C] grad_gamma and grad_beta); empty where not asked."""
-    gx, gw, bn_grads = L.conv_backward(grad_y, x, weight, bn, training, stride, padding, need_input_grads,
-                                       need_weight_grad, global_count)
-    return (gx if gx is not None else x.new_empty((0,)), gw if gw is not None else weight.new_empty((0,)),
-            bn_grads if bn_grads is not None else bn.new_empty((0,)))
+    return _unit_backward(grad_y, x, weight, bn, training, stride, padding, need_input_grads, need_weight_grad,
+                          global_count)
 
 
 @bn_relu_conv2d_backward.register_fake
@@ -110,14 +122,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_y, _grad_stats):
+def _backward(ctx, grad_y, _grad_stats, backward=bn_relu_conv2d_backward):
+    """The unit's autograd formula; ``backward`` computes it: the backward op
+    (what the compiler and opcheck trace), or its plain function in eager mode."""
     x, weight, bn = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_gamma = ctx.gamma_dtype is not None and ctx.needs_input_grad[3]
     need_beta = ctx.beta_dtype is not None and ctx.needs_input_grad[4]
     need_bn = need_x or need_gamma or need_beta
-    gx, gw, bn_grads = bn_relu_conv2d_backward(grad_y, x, weight, bn, ctx.training, ctx.stride, ctx.padding,
-                                               need_bn, need_w, ctx.global_count)
+    gx, gw, bn_grads = backward(grad_y, x, weight, bn, ctx.training, ctx.stride, ctx.padding, need_bn, need_w,
+                                ctx.global_count)
     return (gx if need_x else None, gw if need_w else None, None,
             bn_grads[0].to(ctx.gamma_dtype) if need_gamma else None,
             bn_grads[1].to(ctx.beta_dtype) if need_beta else None,
@@ -125,3 +139,42 @@ def _backward(ctx, grad_y, _grad_stats):
 
 
 bn_relu_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------- eager entries
+# Under torch.compile the ops above (one opaque node each for the compiler);
+# in eager mode the same Python functions without the custom-op layer, whose
+# own Python costs about 100 us per unit training step on this project's CPU
+# (benchmarks/host_overhead.py): the fused units were host-bound on the H200.
+
+
+class _EagerUnit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _unit_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_stats):
+        return _backward(ctx, grad_y, grad_stats, backward=_unit_backward)
+
+
+def unit(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+         training: bool, stride: int, padding: int, residual: Optional[Tensor], emit_stats: bool,
+         global_count: int = 0) -> tuple[Tensor, Tensor]:
+    """``fused_preact::triton_bn_relu_conv2d`` with its autograd."""
+    args = (x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats, global_count)
+    if torch.compiler.is_compiling():
+        return bn_relu_conv2d(*args)
+    return _EagerUnit.apply(*args)
+
+
+def prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
+            running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
+            eps: float, global_count: int = 0) -> Tensor:
+    """``fused_preact::triton_bn_prepare``."""
+    args = (x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps, global_count)
+    if torch.compiler.is_compiling():
+        return bn_prepare(*args)
+    return L.bn_prepare(*args)
