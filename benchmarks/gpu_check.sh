@@ -49,6 +49,9 @@ echo "=== bench compile: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 cat "$OUT/bench_compile.log" >> "$LOG"
 rm -f "$OUT/bench_compile.log"
 step bench 150 "${BENCH[@]}" --warm-workers 0
+# Kernel-by-kernel device time per unit step (profiler), beside the floors.
+step kernel_times 150 $PY benchmarks/kernel_times.py --out "$OUT/kernel_times"
 tail -n 60 "$OUT/bench/report.md" 2>/dev/null
+head -n 40 "$OUT/kernel_times/kernel_times.md" 2>/dev/null
 grep -E "passed|failed|error" "$LOG" | tail -n 5
 echo "gpu_check finished in $(($(date +%s) - T0))s; logs in $OUT"

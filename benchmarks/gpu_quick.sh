@@ -2,7 +2,8 @@
 # A short GPU check for a lease with little time left (~3 minutes): build
 # with the system compiler, check that C++ errors arrive as exceptions, run
 # the native unit tests that failed on the first H200 run, and time the
-# ResNet-164 units (eager vs native vs triton, with CUDA-graph device time).
+# ResNet-164 units (eager vs native vs triton, with CUDA-graph device time),
+# then their kernel-by-kernel device time from the profiler (kernel_times.py).
 #   bash benchmarks/gpu_quick.sh OUTDIR
 set -u -o pipefail
 OUT=$(realpath -m "${1:?usage: gpu_quick.sh OUTDIR}")
@@ -24,6 +25,8 @@ step tests 40 $PY -m pytest -q -rfE $XDIST -p no:cacheprovider -p no:benchmark t
 step bench 70 env FUSED_PREACT_TRITON_AUTOTUNE=0 $PY -m fused_preact.bench --device cuda --suite units \
   --units resnet164 --dtype bfloat16 --providers eager_cl,native,triton --repeats 20 --warmup 3 \
   --cuda-graph --warm-workers 12 --no-progress --out "$OUT/bench"
-grep -E "raised|passed|failed|=== " "$LOG" | tail -n 12
+step kernel_times 90 $PY benchmarks/kernel_times.py --units resnet164 --out "$OUT/kernel_times"
+grep -E "raised|passed|failed|=== " "$LOG" | tail -n 14
 sed -n '/## Units/,/### The same/p' "$OUT/bench/report.md" 2>/dev/null
+head -n 20 "$OUT/kernel_times/kernel_times.md" 2>/dev/null
 echo "gpu_quick finished in $(($(date +%s) - T0))s"

@@ -1,0 +1,151 @@
+"""Device time of each pre-activation unit's training step, kernel by kernel,
+from the PyTorch profiler (CUPTI) rather than from CUDA-graph replay.
+
+    python benchmarks/kernel_times.py --out OUTDIR [--providers eager_cl,native,triton]
+           [--units resnet164,resnetv2_50] [--batch 128/64] [--steps 10] [--dtype bfloat16]
+
+Why: on the H200 every provider was host-bound (benchmarks/RESULTS.md), so
+wall-clock time says little about the kernels, and the CUDA-graph timing of
+the benchmark failed at capture. The profiler records every kernel's start
+and end on the GPU whatever the host does; the sum of a step's kernel
+durations is the time the GPU was busy with it ("device ms"). Compared side
+by side, it is the kernels' speed-up, next to the unit's memory/FLOP floor
+(measured copy bandwidth and bf16 matmul rate, as in ``fused_preact.bench``).
+Per unit and provider it writes: device ms per step, kernels per step,
+host-timed ms per step, and the heaviest kernels. Never asserts anything.
+
+On a CPU it runs as a smoke test (``--device cpu``: tiny batch, CPU ops'
+self time instead of kernels; Triton needs TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fused_preact import bench
+
+
+def _kernel_events(prof, device: str):
+    """(name, microseconds) of every device kernel (CUDA) or every top-level
+    CPU op (CPU smoke test) the profiler saw."""
+    out = []
+    for e in prof.events():
+        if device == "cuda":
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                out.append((e.name, e.time_range.elapsed_us()))
+        elif e.cpu_parent is None and e.name.startswith(("aten::", "fused_preact::")):
+            out.append((e.name, e.time_range.elapsed_us()))
+    return out
+
+
+def profile_unit(shape, provider: str, batch: int, device: str, dtype: torch.dtype, steps: int) -> dict:
+    _, step = bench._unit_closures(shape, provider, batch, device, dtype, rotate=2)
+    for i in range(3):  # warm-up: Triton compile and autotune, cuDNN heuristics
+        step(i)
+    bench._sync(device)
+    host = bench.time_ms(step, device, warmup=0, repeats=steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(i)
+        bench._sync(device)
+    kernels = _kernel_events(prof, device)
+    per_name = collections.defaultdict(float)
+    for name, us in kernels:
+        per_name[name] += us / steps
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:6]
+    return {"device_ms": sum(us for _, us in kernels) / steps / 1e3, "kernels_per_step": len(kernels) / steps,
+            "host_ms": statistics.median(host), "top": [(name[:90], us / 1e3) for name, us in top]}
+
+
+def floor_ms(shape, batch: int, ceilings: dict, elem: int) -> float | None:
+    """max(bytes / copy bandwidth, FLOPs / matmul rate) for forward + backward
+    (backward: two GEMMs of the forward's size)."""
+    if not ceilings:
+        return None
+    fwd_bytes, bwd_bytes = shape.min_bytes(batch, elem)
+    flops = 3 * shape.flops(batch)
+    return max((fwd_bytes + bwd_bytes) / ceilings["copy_bytes_per_s"], flops / ceilings["bf16_flops_per_s"]) * 1e3
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--providers", default="eager_cl,native,triton")
+    parser.add_argument("--units", default="resnet164,resnetv2_50")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 (resnet164), 64 (resnetv2_50); CPU 2")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--max-units", type=int, default=None, help="only the first N units of each set (smoke)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    if device == "cpu" and "triton" in args.providers and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    os.makedirs(args.out, exist_ok=True)
+    ceilings = bench.device_ceilings(device)
+    sets = {"resnet164": bench.resnet164_units, "resnetv2_50": bench.resnetv2_50_units}
+    rows = []
+    for set_name in args.units.split(","):
+        units = sets[set_name]()[: args.max_units]
+        batch = args.batch or (2 if device == "cpu" else (128 if set_name == "resnet164" else 64))
+        for shape in units:
+            row = {"unit": f"{shape.model} {shape.name} {shape.cin}->{shape.cout} @{shape.size}", "batch": batch,
+                   "floor_ms": floor_ms(shape, batch, ceilings, torch.finfo(dtype).bits // 8)}
+            for provider in args.providers.split(","):
+                t0 = time.perf_counter()
+                try:
+                    row[provider] = profile_unit(shape, provider, batch, device, dtype, args.steps)
+                except Exception as exc:  # noqa: BLE001  (reported in the table, the run goes on)
+                    row[provider] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                print(f"{row['unit']:45s} {provider:9s} {time.perf_counter() - t0:6.1f} s", flush=True)
+            rows.append(row)
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "dtype": str(dtype), "steps": args.steps, "ceilings": ceilings, "command": " ".join(sys.argv)}
+    with open(os.path.join(args.out, "kernel_times.json"), "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+    providers = args.providers.split(",")
+    base = providers[0]
+    lines = [f"# Device time per unit training step ({env['device']}, torch {env['torch']}, {env['dtype']})", "",
+             f"Command: `{env['command']}`. device ms = sum of the step's kernel durations (profiler), "
+             f"host ms = wall time per step; ratios are {base} device ms / provider device ms.", "",
+             "| unit | batch | floor ms | " + " | ".join(f"{p} device ms (kernels) | {p} host ms" for p in providers)
+             + " | " + " | ".join(f"{base}/{p}" for p in providers[1:]) + " |",
+             "|---|---:|---:|" + "---:|---:|" * len(providers) + "---:|" * (len(providers) - 1)]
+    for row in rows:
+        cells = [row["unit"], str(row["batch"]), "-" if row["floor_ms"] is None else f"{row['floor_ms']:.3f}"]
+        for p in providers:
+            r = row[p]
+            cells += (["error", "error"] if "error" in r else
+                      [f"{r['device_ms']:.3f} ({r['kernels_per_step']:.0f})", f"{r['host_ms']:.3f}"])
+        for p in providers[1:]:
+            ok = "error" not in row[base] and "error" not in row[p] and row[p]["device_ms"] > 0
+            cells.append(f"{row[base]['device_ms'] / row[p]['device_ms']:.2f}x" if ok else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Heaviest kernels per step (ms)", ""]
+    for row in rows:
+        for p in providers:
+            if "top" in row[p]:
+                lines.append(f"- {row['unit']} / {p}: " + "; ".join(f"{n} {ms:.3f}" for n, ms in row[p]["top"]))
+    errors = [f"- {row['unit']} / {p}: {row[p]['error']}" for row in rows for p in providers if "error" in row[p]]
+    if errors:
+        lines += ["", "## Errors", ""] + errors
+    with open(os.path.join(args.out, "kernel_times.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:len(rows) + 6]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
