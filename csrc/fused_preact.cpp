@@ -153,26 +153,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_two_pass(
   return {grad_x, grad_weight, grad_bias};
 }
 
-namespace {
-
-// running_mean <- (1 - m) * running_mean + m * mean
-// running_var  <- (1 - m) * running_var  + m * var * M / (M - 1)   (unbiased)
-void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                          const at::Tensor& var, double momentum, int64_t count) {
+void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                const at::Tensor& mean, const at::Tensor& var, int64_t count) {
   const char* op = "fused_preact::update_running_stats";
   TORCH_CHECK(count > 1, op, ": need more than one value per channel to update the running variance, got ",
               count);
   TORCH_CHECK(running_mean.sizes() == mean.sizes() && running_var.sizes() == var.sizes(), op,
               ": running stats of shape ", running_mean.sizes(), " do not match batch stats of shape ",
               mean.sizes());
+  for (const at::Tensor* t : {&running_var, &mean, &var})
+    TORCH_CHECK(t->device() == running_mean.device(), op, ": running stats and batch stats must be on one device, got ",
+                running_mean.device(), " and ", t->device());
+}
+
+// running_mean <- (1 - m) * running_mean + m * mean
+// running_var  <- (1 - m) * running_var  + m * var * M / (M - 1)   (unbiased)
+void update_running_stats_generic(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                  const at::Tensor& var, double momentum, int64_t count) {
+  check_running_stats_update(running_mean, running_var, mean, var, count);
   at::NoGradGuard no_grad;
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
   // Computed in the batch stats' precision (fp32), stored in the buffers' dtype.
   running_mean.copy_(running_mean.to(mean.scalar_type()) * (1.0 - momentum) + mean * momentum);
   running_var.copy_(running_var.to(var.scalar_type()) * (1.0 - momentum) + var * (momentum * unbias));
 }
-
-}  // namespace
 }  // namespace fused_preact
 
 TORCH_LIBRARY(fused_preact, m) {
@@ -209,5 +213,5 @@ TORCH_LIBRARY_IMPL(fused_preact, CompositeExplicitAutograd, m) {
   // Every device: the reduce op, then the apply op. CPU registers a one-sweep
   // kernel for NCHW inputs (cpu/bn_relu_cpu.cpp) that falls back to this.
   m.impl("bn_relu_backward", &fused_preact::bn_relu_backward_two_pass);
-  m.impl("update_running_stats", &fused_preact::update_running_stats);
+  m.impl("update_running_stats", &fused_preact::update_running_stats_generic);
 }

@@ -54,6 +54,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_two_pass(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training);
 
+// update_running_stats: its checks (shapes, count > 1, one device) and its
+// device-generic implementation (tensor ops; CPU registers a loop).
+void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                const at::Tensor& mean, const at::Tensor& var, int64_t count);
+void update_running_stats_generic(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                  const at::Tensor& var, double momentum, int64_t count);
+
 // (count, mean, M2) partials merged with Chan's formula: stable where the
 // textbook sum(x^2) - M*mean^2 cancels catastrophically.
 struct Welford {

@@ -177,6 +177,23 @@ def test_bn_relu_backward_one_sweep_matches_the_two_passes(dtype, affine, traini
 
 # --------------------------------------------------------- running statistics
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_update_running_stats_in_the_buffers_dtype(device, buffer_dtype):
+    # fp32 batch statistics (fp64 for fp64), buffers of any float dtype:
+    # computed in the statistics' precision, stored in the buffers' dtype.
+    stats = torch.float64 if buffer_dtype == torch.float64 else torch.float32
+    rm = torch.randn(37, device=device).to(buffer_dtype)
+    rv = (torch.rand(37, device=device) + 0.5).to(buffer_dtype)
+    mean, var = torch.randn(37, device=device, dtype=stats), torch.rand(37, device=device, dtype=stats)
+    expected_m = (rm.to(stats) * 0.9 + mean * 0.1).to(buffer_dtype)
+    expected_v = (rv.to(stats) * 0.9 + var * (0.1 * 50 / 49)).to(buffer_dtype)
+    ops.update_running_stats(rm, rv, mean, var, 0.1, 50)
+    tol = 1e-2 if buffer_dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(rm, expected_m, rtol=tol, atol=tol)
+    torch.testing.assert_close(rv, expected_v, rtol=tol, atol=tol)
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_update_running_stats_follows_batchnorm2d(momentum):
     bn = nn.BatchNorm2d(5, momentum=momentum)

@@ -515,127 +515,185 @@ struct BnReluBackwardSums {
   }
 };
 
+// Per-channel sum gz and sum gz*(x - mean) of dense x/grad_out (either
+// layout), merged in double, written to sg_out/sgx_out[C].
+template <typename scalar_t>
+void backward_sums(const at::Tensor& grad_out, const at::Tensor& x, const at::opmath_type<scalar_t>* mean,
+                   const at::opmath_type<scalar_t>* scale, const at::opmath_type<scalar_t>* shift,
+                   at::opmath_type<scalar_t>* sg_out, at::opmath_type<scalar_t>* sgx_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  BnReluBackwardSums<scalar_t> kernel{grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean,
+                                      scale, shift};
+  if (layout_of(x) == Layout::kNCHW) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double sg = 0, sgx = 0;  // planes are merged in double
+        for (int64_t n = 0; n < N; ++n) {
+          auto [pg, pgx] = kernel.plane((n * C + c) * HW, HW, c);
+          sg += pg;
+          sgx += pgx;
+        }
+        sg_out[c] = static_cast<acc_t>(sg);
+        sgx_out[c] = static_cast<acc_t>(sgx);
+      }
+    });
+    return;
+  }
+  const int64_t M = N * HW, rows_per_chunk = chunk_rows(C);
+  const int64_t chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
+  std::vector<acc_t> part_g(chunks * C, acc_t(0)), part_gx(chunks * C, acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * rows_per_chunk;
+      kernel.rows(r0 * C, std::min(rows_per_chunk, M - r0), C, part_g.data() + k * C, part_gx.data() + k * C);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double sg = 0, sgx = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      sg += part_g[k * C + c];
+      sgx += part_gx[k * C + c];
+    }
+    sg_out[c] = static_cast<acc_t>(sg);
+    sgx_out[c] = static_cast<acc_t>(sgx);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                                const at::Tensor& mean, const at::Tensor& scale,
                                                                const at::Tensor& shift) {
   BackwardReduceArgs a = backward_reduce_args(grad_out_in, x_in, mean, scale, shift);
-  const at::Tensor &x = a.x, &grad_out = a.grad_out, &m = a.mean, &s = a.scale, &b = a.shift;
-  const at::Tensor &sum_gz = a.sum_gz, &sum_gz_xc = a.sum_gz_xc;
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  if (x.numel() == 0) return {sum_gz, sum_gz_xc};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
+  if (a.x.numel() == 0) return {a.sum_gz, a.sum_gz_xc};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.x.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    BnReluBackwardSums<scalar_t> kernel{grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                        m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),
-                                        b.const_data_ptr<acc_t>()};
-    auto* sg_out = sum_gz.mutable_data_ptr<acc_t>();
-    auto* sgx_out = sum_gz_xc.mutable_data_ptr<acc_t>();
-    if (layout_of(x) == Layout::kNCHW) {
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          double sg = 0, sgx = 0;  // planes are merged in double
-          for (int64_t n = 0; n < N; ++n) {
-            auto [pg, pgx] = kernel.plane((n * C + c) * HW, HW, c);
-            sg += pg;
-            sgx += pgx;
-          }
-          sg_out[c] = static_cast<acc_t>(sg);
-          sgx_out[c] = static_cast<acc_t>(sgx);
-        }
-      });
-      return;
-    }
-    const int64_t M = N * HW, rows_per_chunk = chunk_rows(C);
-    const int64_t chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
-    std::vector<acc_t> part_g(chunks * C, acc_t(0)), part_gx(chunks * C, acc_t(0));
-    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t r0 = k * rows_per_chunk;
-        kernel.rows(r0 * C, std::min(rows_per_chunk, M - r0), C, part_g.data() + k * C, part_gx.data() + k * C);
-      }
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      double sg = 0, sgx = 0;
-      for (int64_t k = 0; k < chunks; ++k) {
-        sg += part_g[k * C + c];
-        sgx += part_gx[k * C + c];
-      }
-      sg_out[c] = static_cast<acc_t>(sg);
-      sgx_out[c] = static_cast<acc_t>(sgx);
-    }
+    backward_sums<scalar_t>(a.grad_out, a.x, a.mean.const_data_ptr<acc_t>(), a.scale.const_data_ptr<acc_t>(),
+                            a.shift.const_data_ptr<acc_t>(), a.sum_gz.mutable_data_ptr<acc_t>(),
+                            a.sum_gz_xc.mutable_data_ptr<acc_t>());
   });
-  return {sum_gz, sum_gz_xc};
+  return {a.sum_gz, a.sum_gz_xc};
 }
 
-// ------------------------------------------- backward in one sweep (NCHW)
+// ------------------------------------------------------ bn_relu_backward
 
-// bn_relu_backward with each channel's reduce and apply back to back: the
-// channel's N planes of (grad_out, x) are summed, then mapped to grad_x while
-// they are still in this core's L2 cache, so memory sees one read of
-// grad_out and x instead of two (the channel's planes take N*H*W*2 values:
-// 256 KB for 32x64x32x32 float32, against 2 MB of L2 per core here).
+// The training-mode constants of gx = gz*scale + x*k1 + k0 for one channel
+// from its sums (see bn_relu_backward_two_pass for the formula), and the
+// gamma/beta gradients. Eval: k1 = k0 = 0.
+template <typename acc_t>
+void channel_backward_constants(int64_t c, double sg, double sgx, double count, bool training, const acc_t* mean,
+                                const acc_t* invstd, const acc_t* scale, acc_t* gw, acc_t* gb, acc_t* k1,
+                                acc_t* k0) {
+  const double ggamma = sgx * static_cast<double>(invstd[c]);
+  gw[c] = static_cast<acc_t>(ggamma);
+  gb[c] = static_cast<acc_t>(sg);
+  if (!training) return;
+  const double a1 = -static_cast<double>(scale[c]) * static_cast<double>(invstd[c]) * ggamma / count;
+  k1[c] = static_cast<acc_t>(a1);
+  k0[c] = static_cast<acc_t>(-static_cast<double>(scale[c]) * sg / count - a1 * static_cast<double>(mean[c]));
+}
+
+// bn_relu_backward on CPU: all of it in this function, no per-channel vector
+// ops dispatched one by one (the device-generic two-pass version makes about
+// fifteen, each an op call's worth of host time).
+//   NCHW with >= 2 channels per thread: one sweep, each channel's reduce and
+//     apply back to back: the channel's N planes of (grad_out, x) are summed,
+//     then mapped to grad_x while they are still in this core's L2 cache, so
+//     memory sees one read of grad_out and x instead of two (the planes take
+//     N*H*W*2 values: 256 KB for 32x64x32x32 float32, against 2 MB of L2).
+//   Otherwise (channels-last rows interleave every channel; few channels):
+//     the reduce over all of x, the per-channel constants, then the apply.
 template <typename scalar_t>
-void bn_relu_backward_nchw(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-                           const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift, bool training,
-                           at::Tensor& grad_x, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+void bn_relu_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                             const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift,
+                             bool training, at::Tensor& grad_x, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const double count = static_cast<double>(N) * static_cast<double>(HW);
   const acc_t* m = mean.const_data_ptr<acc_t>();
   const acc_t* inv = invstd.const_data_ptr<acc_t>();
   const acc_t* s = scale.const_data_ptr<acc_t>();
-  std::vector<acc_t> k1(C, acc_t(0)), k0(C, acc_t(0));  // each channel's, written by its thread
-  BnReluBackwardSums<scalar_t> sums{grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), m, s,
-                                    shift.const_data_ptr<acc_t>()};
-  BnReluBackwardApply<scalar_t> apply{grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                      grad_x.mutable_data_ptr<scalar_t>(), s, shift.const_data_ptr<acc_t>(),
-                                      k1.data(), k0.data()};
+  const acc_t* b = shift.const_data_ptr<acc_t>();
   acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
   acc_t* gb = grad_bias.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double sg = 0, sgx = 0;  // planes are merged in double
-      for (int64_t n = 0; n < N; ++n) {
-        auto [pg, pgx] = sums.plane((n * C + c) * HW, HW, c);
-        sg += pg;
-        sgx += pgx;
+  std::vector<acc_t> k1(C, acc_t(0)), k0(C, acc_t(0));
+  BnReluBackwardApply<scalar_t> apply{grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                      grad_x.mutable_data_ptr<scalar_t>(), s, b, k1.data(), k0.data()};
+  if (layout_of(x) == Layout::kNCHW && C >= 2 * at::get_num_threads()) {
+    BnReluBackwardSums<scalar_t> sums{grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), m, s, b};
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double sg = 0, sgx = 0;  // planes are merged in double
+        for (int64_t n = 0; n < N; ++n) {
+          auto [pg, pgx] = sums.plane((n * C + c) * HW, HW, c);
+          sg += pg;
+          sgx += pgx;
+        }
+        channel_backward_constants(c, sg, sgx, count, training, m, inv, s, gw, gb, k1.data(), k0.data());
+        for (int64_t n = 0; n < N; ++n) apply.plane((n * C + c) * HW, HW, c);
       }
-      // Training: gx = scale*(gz - G/M - xhat*ggamma/M), see bn_relu_backward_two_pass.
-      const double ggamma = sgx * static_cast<double>(inv[c]);
-      gw[c] = static_cast<acc_t>(ggamma);
-      gb[c] = static_cast<acc_t>(sg);
-      if (training) {
-        const double a1 = -static_cast<double>(s[c]) * static_cast<double>(inv[c]) * ggamma / count;
-        k1[c] = static_cast<acc_t>(a1);
-        k0[c] = static_cast<acc_t>(-static_cast<double>(s[c]) * sg / count - a1 * static_cast<double>(m[c]));
-      }
-      for (int64_t n = 0; n < N; ++n) apply.plane((n * C + c) * HW, HW, c);
-    }
-  });
+    });
+    return;
+  }
+  std::vector<acc_t> sg(C), sgx(C);
+  backward_sums<scalar_t>(grad_out, x, m, s, b, sg.data(), sgx.data());
+  for (int64_t c = 0; c < C; ++c)
+    channel_backward_constants(c, static_cast<double>(sg[c]), static_cast<double>(sgx[c]), count, training, m, inv,
+                               s, gw, gb, k1.data(), k0.data());
+  for_each_run(x, apply);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
-  // One sweep needs a channel's values to be local: NCHW planes are,
-  // channels-last rows interleave every channel (two passes there), and with
-  // fewer than two channels per thread the channel loop would leave threads idle.
-  const bool one_sweep = x_in.dim() == 4 && layout_of(x_in) == Layout::kNCHW && x_in.numel() > 0 &&
-                         x_in.size(1) >= 2 * at::get_num_threads();
-  if (!one_sweep) return bn_relu_backward_two_pass(grad_out_in, x_in, mean_in, invstd_in, weight, bias, training);
   auto [gamma, beta] = bn_relu_backward_checks(grad_out_in, x_in, mean_in, invstd_in, weight, bias);
+  if (x_in.numel() == 0) return bn_relu_backward_two_pass(grad_out_in, x_in, mean_in, invstd_in, weight, bias, training);
   at::Tensor x, grad_out;
   std::tie(x, grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", "fused_preact::bn_relu_backward");
   at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  // The same ATen expressions as the forward's scale/shift, so the ReLU mask
+  // recomputed here is bit-identical to the forward's.
   at::Tensor scale = (gamma * invstd).contiguous();
   at::Tensor shift = (beta - mean * scale).contiguous();
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_weight = at::empty_like(mean), grad_bias = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_backward_cpu", [&] {
-    bn_relu_backward_nchw<scalar_t>(grad_out, x, mean, invstd, scale, shift, training, grad_x, grad_weight,
-                                    grad_bias);
+    bn_relu_backward_kernel<scalar_t>(grad_out, x, mean, invstd, scale, shift, training, grad_x, grad_weight,
+                                      grad_bias);
   });
   return {grad_x, grad_weight, grad_bias};
+}
+
+// nn.BatchNorm2d's running-statistics update (see update_running_stats in
+// fused_preact.cpp) as one loop over the channels instead of eight tensor ops.
+void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean_in,
+                              const at::Tensor& var_in, double momentum, int64_t count) {
+  check_running_stats_update(running_mean, running_var, mean_in, var_in, count);
+  if (!running_mean.is_contiguous() || !running_var.is_contiguous() || running_mean.scalar_type() != running_var.scalar_type() ||
+      mean_in.scalar_type() != var_in.scalar_type()) {
+    return update_running_stats_generic(running_mean, running_var, mean_in, var_in, momentum, count);
+  }
+  const at::Tensor mean = mean_in.contiguous(), var = var_in.contiguous();
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  const int64_t C = mean.numel();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "update_running_stats_cpu", [&] {
+    using stat_t = scalar_t;  // the batch statistics' precision (fp32, or fp64)
+    const stat_t* mp = mean.const_data_ptr<stat_t>();
+    const stat_t* vp = var.const_data_ptr<stat_t>();
+    const stat_t keep = static_cast<stat_t>(1.0 - momentum), take = static_cast<stat_t>(momentum);
+    const stat_t take_var = static_cast<stat_t>(momentum * unbias);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "update_running_stats_cpu",
+                                    [&] {
+      scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
+      scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        // Rounded like the tensor expressions: each product, then the sum.
+        const stat_t old_mean = static_cast<stat_t>(rm[c]) * keep, new_mean = mp[c] * take;
+        const stat_t old_var = static_cast<stat_t>(rv[c]) * keep, new_var = vp[c] * take_var;
+        rm[c] = static_cast<scalar_t>(old_mean + new_mean);
+        rv[c] = static_cast<scalar_t>(old_var + new_var);
+      }
+    });
+  });
 }
 
 }  // namespace
@@ -643,6 +701,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
 
 TORCH_LIBRARY_IMPL(fused_preact, CPU, m) {
   m.impl("bn_relu_backward", &fused_preact::bn_relu_backward_cpu);
+  m.impl("update_running_stats", &fused_preact::update_running_stats_cpu);
   m.impl("bn_stats", &fused_preact::bn_stats_cpu);
   m.impl("bn_relu", &fused_preact::bn_relu_cpu);
   m.impl("bn_relu_backward_reduce", &fused_preact::bn_relu_backward_reduce_cpu);
