@@ -178,6 +178,22 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
     return (mean, invstd, 0), batch_stats
 
 
+def eager_function(name: str, forward, setup_context, backward) -> type:
+    """An autograd.Function that runs a custom op's forward and autograd
+    formula (``register_autograd``'s setup_context/backward) without the
+    custom-op layer: what the fused units use in eager mode, where that layer's
+    Python cost about 100 us per training step. Under torch.compile they call
+    the op itself, one opaque node for the compiler."""
+
+    def forward_(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_),
+                                                   "backward": staticmethod(backward)})
+
+
 def unit_weight(weight: Tensor, x: Tensor, backend: str) -> Tensor:
     """The conv weight as the backend takes it under autocast: Triton casts
     while packing (one copy, gradient in the parameter's dtype); the native

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from .functional import conv_output_shape, memory_format_of, scale_shift, stats_dtype
+from .functional import conv_output_shape, eager_function, memory_format_of, scale_shift, stats_dtype
 
 _extension.require()
 ops = torch.ops.fused_preact
@@ -209,28 +209,14 @@ def _unit_backward(ctx, grad_y):
 bn_relu_conv2d.register_autograd(_unit_backward, setup_context=_unit_setup_context)
 
 
-class _EagerUnit(torch.autograd.Function):
-    """The custom op's forward and backward, minus the custom-op layer."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        y = _unit_forward(*inputs)
-        _unit_setup_context(ctx, inputs, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return _unit_backward(ctx, grad_y)
+_EagerUnit = eager_function("_EagerUnit", _unit_forward, _unit_setup_context, _unit_backward)
 
 
 def unit(x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor],
          bn_bias: Optional[Tensor], training: bool, stride: int, padding: int, residual: Optional[Tensor],
          global_count: int = 0) -> Tensor:
-    """The fused unit: under torch.compile the op ``fused_preact::bn_relu_conv2d``
-    (one opaque node for the compiler), in eager mode the same forward and
-    backward through an autograd.Function, which skips the Python of the
-    custom-op layer (about 100 us per training step on this project's CPU:
-    benchmarks/host_overhead.py)."""
+    """The fused unit: ``fused_preact::bn_relu_conv2d`` with its autograd
+    (see ``functional.eager_function`` for the eager path)."""
     args = (x, weight, mean, invstd, bn_weight, bn_bias, training, stride, padding, residual, global_count)
     if torch.compiler.is_compiling():
         return bn_relu_conv2d(*args)

@@ -27,13 +27,14 @@ kernels run on CPU tensors).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import triton_launch as L
-from .functional import conv_output_shape, memory_format_of, stats_dtype
+from .functional import conv_output_shape, eager_function, memory_format_of, stats_dtype
 
 
 def _bn_shape(x: Tensor) -> tuple[int, ...]:
@@ -143,21 +144,11 @@ bn_relu_conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------- eager entries
 # Under torch.compile the ops above (one opaque node each for the compiler);
-# in eager mode the same Python functions without the custom-op layer, whose
-# own Python costs about 100 us per unit training step on this project's CPU
-# (benchmarks/host_overhead.py): the fused units were host-bound on the H200.
+# in eager mode the same Python functions without the custom-op layer
+# (functional.eager_function): the fused units were host-bound on the H200.
 
-
-class _EagerUnit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _unit_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_stats):
-        return _backward(ctx, grad_y, grad_stats, backward=_unit_backward)
+_EagerUnit = eager_function("_EagerUnit", _unit_forward, _setup_context,
+                            functools.partial(_backward, backward=_unit_backward))
 
 
 def unit(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],

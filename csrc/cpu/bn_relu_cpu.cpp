@@ -473,6 +473,16 @@ struct BnReluBackwardSums {
     }
     return {sg, sgx};
   }
+  // Channel c's sums over its N planes (NCHW), merged in double.
+  std::pair<double, double> channel(int64_t c, int64_t N, int64_t C, int64_t HW) const {
+    double sg = 0, sgx = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      auto [pg, pgx] = plane((n * C + c) * HW, HW, c);
+      sg += pg;
+      sgx += pgx;
+    }
+    return {sg, sgx};
+  }
   // Adds the sums of `rows` rows starting at row offset `off` into sg/sgx[C].
   void rows(int64_t off, int64_t rows, int64_t C, acc_t* sg, acc_t* sgx) const {
     for_channel_blocks<IO::kSize>(C, [&](auto tag, int64_t c) {
@@ -528,12 +538,7 @@ void backward_sums(const at::Tensor& grad_out, const at::Tensor& x, const at::op
   if (layout_of(x) == Layout::kNCHW) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        double sg = 0, sgx = 0;  // planes are merged in double
-        for (int64_t n = 0; n < N; ++n) {
-          auto [pg, pgx] = kernel.plane((n * C + c) * HW, HW, c);
-          sg += pg;
-          sgx += pgx;
-        }
+        auto [sg, sgx] = kernel.channel(c, N, C, HW);
         sg_out[c] = static_cast<acc_t>(sg);
         sgx_out[c] = static_cast<acc_t>(sgx);
       }
@@ -622,12 +627,7 @@ void bn_relu_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, co
     BnReluBackwardSums<scalar_t> sums{grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), m, s, b};
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        double sg = 0, sgx = 0;  // planes are merged in double
-        for (int64_t n = 0; n < N; ++n) {
-          auto [pg, pgx] = sums.plane((n * C + c) * HW, HW, c);
-          sg += pg;
-          sgx += pgx;
-        }
+        auto [sg, sgx] = sums.channel(c, N, C, HW);
         channel_backward_constants(c, sg, sgx, count, training, m, inv, s, gw, gb, k1.data(), k0.data());
         for (int64_t n = 0; n < N; ++n) apply.plane((n * C + c) * HW, HW, c);
       }
