@@ -100,8 +100,24 @@ def _openmp() -> bool:
     return "OpenMP" in torch.__config__.parallel_info() and not sys.platform.startswith("darwin")
 
 
+# The CPU vector instructions the build targets, recorded for the package in
+# fused_preact/_build_info.py: a build used on a CPU without them (a shared
+# environment across machines) is refused at import with a message instead of
+# dying on an illegal instruction.
+_BUILD_INFO = os.path.join(ROOT, "fused_preact", "_build_info.py")
+
+
+def _write_build_info(cpu_capability: str) -> None:
+    text = ('"""Written by setup.py at build time; not in git."""\n\n'
+            f"CPU_CAPABILITY = {cpu_capability!r}  # vector instructions the C++ CPU kernels were compiled for\n")
+    if not os.path.exists(_BUILD_INFO) or open(_BUILD_INFO).read() != text:
+        with open(_BUILD_INFO, "w") as f:
+            f.write(text)
+
+
 def _cpu_flags() -> list[str]:
     flags = ["-O0", "-g"] if _flag("FUSED_PREACT_DEBUG") else ["-O3"]
+    capability = "DEFAULT"
     flags.append("-Wno-unknown-pragmas")  # ATen's vec headers carry CUDA-style #pragma unroll
     # at::parallel_for is a header template that, in torch's OpenMP builds,
     # parallelises with `#pragma omp parallel`: without -fopenmp the pragma is
@@ -132,8 +148,11 @@ def _cpu_flags() -> list[str]:
             flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
                       "-Wno-maybe-uninitialized",
                       "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+            capability = "AVX512"
         elif {"avx2", "fma"} <= has:
             flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+            capability = "AVX2"
+    _write_build_info(capability)
     return flags
 
 

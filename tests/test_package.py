@@ -59,3 +59,18 @@ def test_cpu_ops_were_compiled_with_openmp():
     import fused_preact._C as compiled
 
     assert compiled.openmp == 1
+
+
+def test_a_build_for_another_cpu_is_refused_with_a_message():
+    # A build tuned for AVX-512 imported on an AVX2-only CPU (a shared
+    # environment across machines) must say so instead of dying on an
+    # illegal instruction.
+    from fused_preact import _extension
+
+    message = _extension.capability_mismatch("AVX512", {"sse2", "avx", "avx2", "fma"})
+    assert "AVX512" in message and "avx512f" in message and "FUSED_PREACT_NO_NATIVE_ARCH=1" in message
+    assert _extension.capability_mismatch("AVX2", {"avx2", "fma", "avx512f"}) == ""
+    assert _extension.capability_mismatch("AVX512", None) == ""  # flags unknown: not refused
+    assert _extension.capability_mismatch("DEFAULT", set()) == ""
+    # and the build here matches this CPU
+    assert _extension.capability_mismatch(_extension._build_capability(), _extension._cpu_flags()) == ""
