@@ -170,8 +170,8 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
         from . import triton_ops
 
         bn = triton_ops.prepare(x.detach(), batch, None if bn_weight is None else bn_weight.detach(),
-                                   None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
-                                   training, momentum, eps)
+                                None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
+                                training, momentum, eps)
         return (bn, 0), batch_stats
     mean, invstd, batch_stats = batch_norm_stats(x, running_mean, running_var, training=training,
                                                  momentum=momentum, eps=eps)
