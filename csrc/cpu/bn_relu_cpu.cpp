@@ -3,13 +3,15 @@
 // Two dense layouts, two loop shapes:
 //   NCHW           one (n, c) plane of H*W contiguous values at a time; the
 //                  plane's channel constants are scalars broadcast to a vector.
-//   channels-last  rows of C contiguous values (one row per n, h, w); the
-//                  per-channel constants are vectors loaded alongside.
+//   channels-last  rows of C contiguous values (one row per n, h, w), walked
+//                  in chunks of rows, per block of channels whose constants
+//                  and accumulators stay in vector registers.
 // Reductions are two-level: a plane or a chunk of rows is reduced in the
-// input's compute type (fp32 for fp32/bf16/fp16) with ATen's Vectorized<T>,
-// and the per-plane/per-chunk partials are merged per channel in double
-// (Chan's formula for variances). Elementwise passes run over planes or rows
-// with at::parallel_for.
+// input's compute type (fp32 for fp32/bf16/fp16) with ATen's Vectorized<T>
+// (AVX-512 or AVX2, chosen by setup.py), and the per-plane/per-chunk partials
+// are merged per channel in double (Chan's formula for variances).
+// Elementwise passes run over planes or chunks of rows with at::parallel_for,
+// which needs the build's -fopenmp to use more than one thread.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
