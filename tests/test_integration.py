@@ -206,6 +206,29 @@ def test_torch_compile_of_a_converted_model():
         assert _max_rel(b.grad, a.grad) < 1e-9, name
 
 
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_torch_compile_with_inductor_of_a_converted_model(backend):
+    # The default compiler (inductor: generated C++/Triton around our ops,
+    # which stay opaque nodes) on a whole converted network, one graph.
+    device = "cpu" if backend == "native" else triton_device()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ref = fused_preact.preact_resnet_cifar(11).to(device)
+    randomize_bn(ref)
+    fused = fused_preact.convert(copy.deepcopy(ref), backend=backend)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(4, 3, 16, 16, device=device)
+    out = compiled(x)
+    out.square().mean().backward()
+    expected = ref(x)
+    expected.square().mean().backward()
+    assert _max_rel(out.detach(), expected.detach()) < 1e-4
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+        assert _max_rel(b.grad, a.grad) < 1e-3, name
+    for (name, a), b in zip(ref.named_buffers(), fused.buffers()):
+        assert torch.equal(a, b) if not a.is_floating_point() else _max_rel(b, a) < 1e-4, name
+
+
 def test_torch_compile_of_a_triton_block_has_no_graph_break():
     device = triton_device()
     dtype = torch.float64 if device == "cpu" else torch.float32
