@@ -166,6 +166,17 @@ void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor
                 running_mean.device(), " and ", t->device());
 }
 
+// bn_relu_backward writing grad_x over grad_out (for callers that own
+// grad_out): every device, via the two passes and a copy; CPU registers a
+// kernel that writes in place (cpu/bn_relu_cpu.cpp).
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_inplace_generic(
+    at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
+  auto [grad_x, grad_weight, grad_bias] = bn_relu_backward_two_pass(grad_out, x, mean, invstd, weight, bias, training);
+  grad_out.copy_(grad_x);
+  return {grad_weight, grad_bias};
+}
+
 // running_mean <- (1 - m) * running_mean + m * mean
 // running_var  <- (1 - m) * running_var  + m * var * M / (M - 1)   (unbiased)
 void update_running_stats_generic(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
@@ -195,6 +206,11 @@ TORCH_LIBRARY(fused_preact, m) {
   m.def(
       "bn_relu_backward_reduce(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, Tensor shift) "
       "-> (Tensor sum_gz, Tensor sum_gz_xc)");
+  // bn_relu_backward with grad_x written over grad_out (one activation-sized
+  // tensor less at the backward's peak); returns the gamma/beta gradients.
+  m.def(
+      "bn_relu_backward_(Tensor(a!) grad_out, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor? bias, bool training) -> (Tensor grad_weight, Tensor grad_bias)");
   // ... and gx = gz*scale + x*k1 + k0.
   m.def(
       "bn_relu_backward_apply(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor k1, Tensor k0) "
@@ -213,5 +229,6 @@ TORCH_LIBRARY_IMPL(fused_preact, CompositeExplicitAutograd, m) {
   // Every device: the reduce op, then the apply op. CPU registers a one-sweep
   // kernel for NCHW inputs (cpu/bn_relu_cpu.cpp) that falls back to this.
   m.impl("bn_relu_backward", &fused_preact::bn_relu_backward_two_pass);
+  m.impl("bn_relu_backward_", &fused_preact::bn_relu_backward_inplace_generic);
   m.impl("update_running_stats", &fused_preact::update_running_stats_generic);
 }

@@ -54,6 +54,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_two_pass(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training);
 
+// bn_relu_backward_ (grad_x written over grad_out), device-generic.
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_inplace_generic(
+    at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training);
+
 // update_running_stats: its checks (shapes, count > 1, one device) and its
 // device-generic implementation (tensor ops; CPU registers a loop).
 void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,

@@ -197,6 +197,13 @@ def _unit_backward(ctx, grad_y):
         if ctx.global_count and ctx.training:
             grad_x, grad_gamma, grad_beta = _synchronized_bn_relu_backward(grad_a, x, mean, invstd, scale, shift,
                                                                            ctx.global_count)
+        elif grad_a.device.type == "cpu":
+            # grad_a is ours: grad_x is written over it (one activation-sized
+            # tensor less at this peak; on CPU a fresh one above 32 MiB is
+            # also page-faulted in again). Elsewhere the in-place op would
+            # only add a copy, until the CUDA apply kernel learns to alias.
+            grad_gamma, grad_beta = ops.bn_relu_backward_(grad_a, x, mean, invstd, bn_weight, bn_bias, ctx.training)
+            grad_x = grad_a
         else:
             grad_x, grad_gamma, grad_beta = ops.bn_relu_backward(grad_a, x, mean, invstd, bn_weight, bn_bias,
                                                                  ctx.training)

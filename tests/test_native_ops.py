@@ -175,6 +175,31 @@ def test_bn_relu_backward_one_sweep_matches_the_two_passes(dtype, affine, traini
         torch.testing.assert_close(got[2].double(), ref[2], rtol=5 * tol, atol=5 * tol * count ** 0.5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("grad_layout", ["same", "other"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_relu_backward_in_place_writes_grad_x_over_grad_out(device, layout, grad_layout, dtype, training):
+    # grad_out in x's layout is overwritten in place (CPU kernel); in the
+    # other layout it still ends up holding grad_x (two passes + copy).
+    x = _x((3, 83, 5, 4), device, dtype, layout, mean=0.3)
+    other = "nchw" if layout == "channels_last" else "channels_last"
+    g = _x((3, 83, 5, 4), device, dtype, layout if grad_layout == "same" else other)
+    mean, var = ops.bn_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    stats = mean.dtype
+    gamma, beta = torch.rand(83, device=device, dtype=stats) + 0.5, torch.randn(83, device=device, dtype=stats)
+    expected = ops.bn_relu_backward(g, x, mean, invstd, gamma, beta, training)
+    data_ptr = g.data_ptr()
+    grad_gamma, grad_beta = ops.bn_relu_backward_(g, x, mean, invstd, gamma, beta, training)
+    assert g.data_ptr() == data_ptr
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for name, got, e in (("grad_x", g, expected[0]), ("grad_weight", grad_gamma, expected[1]),
+                         ("grad_bias", grad_beta, expected[2])):
+        torch.testing.assert_close(got.double(), e.double(), rtol=tol, atol=tol, msg=name)
+
+
 # --------------------------------------------------------- running statistics
 
 
@@ -220,6 +245,7 @@ def test_opcheck_every_op(device):
         (ops.bn_relu.default, (x.clone().requires_grad_(), vec().requires_grad_(), vec(), None)),
         (ops.bn_relu.default, (x, vec(), vec().requires_grad_(), torch.randn_like(x).requires_grad_())),
         (ops.bn_relu_backward.default, (torch.randn_like(x), x, mean, torch.rsqrt(var + 1e-5), vec(), vec(), True)),
+        (ops.bn_relu_backward_.default, (torch.randn_like(x), x, mean, torch.rsqrt(var + 1e-5), vec(), None, True)),
         (ops.bn_relu_backward_reduce.default, (torch.randn_like(x), x, mean, vec(), vec())),
         (ops.bn_relu_backward_apply.default, (torch.randn_like(x), x, vec(), vec(), vec(), vec())),
         (ops.add_stats.default, (x.clone().requires_grad_(), torch.randn_like(x))),

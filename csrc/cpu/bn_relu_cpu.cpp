@@ -665,6 +665,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
   return {grad_x, grad_weight, grad_bias};
 }
 
+// bn_relu_backward_: the same kernel with grad_x aliasing grad_out. Safe
+// because every value of grad_x is written after the last read of the
+// grad_out value at the same index (the sums of a channel are complete before
+// its apply starts, and the apply reads and writes index by index).
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_inplace_cpu(
+    at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
+  auto [gamma, beta] = bn_relu_backward_checks(grad_out, x_in, mean_in, invstd_in, weight, bias);
+  const at::Tensor x = dense(x_in);
+  if (x.numel() == 0 || grad_out.strides() != x.strides())  // not writable as x's dense twin: two passes + copy
+    return bn_relu_backward_inplace_generic(grad_out, x_in, mean_in, invstd_in, weight, bias, training);
+  at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  at::Tensor scale = (gamma * invstd).contiguous();  // as in bn_relu_backward_cpu
+  at::Tensor shift = (beta - mean * scale).contiguous();
+  at::Tensor grad_weight = at::empty_like(mean), grad_bias = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_backward_inplace_cpu", [&] {
+    bn_relu_backward_kernel<scalar_t>(grad_out, x, mean, invstd, scale, shift, training, grad_out, grad_weight,
+                                      grad_bias);
+  });
+  return {grad_weight, grad_bias};
+}
+
 // nn.BatchNorm2d's running-statistics update (see update_running_stats in
 // fused_preact.cpp) as one loop over the channels instead of eight tensor ops.
 void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean_in,
@@ -703,6 +725,7 @@ void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
 
 TORCH_LIBRARY_IMPL(fused_preact, CPU, m) {
   m.impl("bn_relu_backward", &fused_preact::bn_relu_backward_cpu);
+  m.impl("bn_relu_backward_", &fused_preact::bn_relu_backward_inplace_cpu);
   m.impl("update_running_stats", &fused_preact::update_running_stats_cpu);
   m.impl("bn_stats", &fused_preact::bn_stats_cpu);
   m.impl("bn_relu", &fused_preact::bn_relu_cpu);
