@@ -175,7 +175,7 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
             functional.check_unit_inputs(name, x, conv.weight, norm1.weight, norm1.bias, running_mean, running_var,
                                          None, batch_stats)
         (x,) = functional.autocast_inputs(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with functional.autocast_off(x.device.type):
             state, batch_stats = functional.prepare_bn(x, norm1.weight, norm1.bias, running_mean, running_var,
                                                        training=norm1.training, momentum=_bn_momentum(norm1),
                                                        eps=norm1.eps, backend=backend, batch=incoming, sync=sync)

@@ -61,7 +61,7 @@ def _unit(name: str, bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: st
                               training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps, stride=conv.stride[0],
                               padding=conv.padding[0], residual=residual, backend="torch", name=name), None
     x, residual = functional.autocast_inputs(x, residual)
-    with torch.autocast(x.device.type, enabled=False):
+    with functional.autocast_off(x.device.type):
         state, batch_stats = functional.prepare_bn(x, bn.weight, bn.bias, running_mean, running_var,
                                                    training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps,
                                                    backend=backend, batch=batch, sync=sync)
