@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [bench suites, default units,cifar,imagenet]
 #
-# Sized for <= 8 minutes on one H100: sm_90 only, MAX_JOBS = cores, the GPU
+# Sized for <= 10 minutes on one H100: sm_90 only, MAX_JOBS = cores, the GPU
 # tests on 8 processes without autotuning, the benchmark's Triton kernels
 # compiled in parallel before timing. Every step has its own time limit and
 # the script goes on after a failed step (each step's status is in the log).
