@@ -219,6 +219,20 @@ def test_update_running_stats_in_the_buffers_dtype(device, buffer_dtype):
     torch.testing.assert_close(rm, expected_m, rtol=tol, atol=tol)
     torch.testing.assert_close(rv, expected_v, rtol=tol, atol=tol)
 
+def test_update_running_stats_of_strided_buffers_and_mixed_devices():
+    # Strided buffers take the tensor-op path and are updated in place;
+    # statistics on another device than the buffers are refused by name.
+    storage = torch.zeros(2, 6)
+    rm, rv = storage[0, ::2], storage[1, ::2] + 1  # rv: a fresh tensor, rm: a view into storage
+    mean, var = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0])
+    ops.update_running_stats(rm, rv, mean, var, 0.5, 3)
+    torch.testing.assert_close(storage[0], torch.tensor([0.5, 0, 1.0, 0, 1.5, 0]))
+    torch.testing.assert_close(rv, 0.5 + var * 0.5 * 3 / 2)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="one device"):
+            ops.update_running_stats(rm, rv, mean.cuda(), var.cuda(), 0.5, 3)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_update_running_stats_follows_batchnorm2d(momentum):
     bn = nn.BatchNorm2d(5, momentum=momentum)
