@@ -327,6 +327,30 @@ def test_native_unit_gradcheck_float64(training):
     assert torch.autograd.gradcheck(unit, (x, w, gamma, beta, r))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_of_the_native_unit_op(device, training):
+    # fused_preact::bn_relu_conv2d as torch.compile sees it: schema, fake
+    # kernel, autograd registration, AOT dispatch (mixed requires_grad).
+    from fused_preact import native
+
+    C, K = 4, 5
+    x = torch.randn(2, C, 5, 4, device=device, dtype=torch.float64)
+    mean, var = ops.bn_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    w = torch.randn(K, C, 3, 3, device=device, dtype=torch.float64)
+    gamma = torch.rand(C, device=device, dtype=torch.float64) + 0.5
+    beta = torch.randn(C, device=device, dtype=torch.float64)
+    residual = torch.randn(2, K, 3, 2, device=device, dtype=torch.float64)
+    cases = [
+        (x.clone().requires_grad_(), w.clone().requires_grad_(), mean, invstd, gamma.clone().requires_grad_(),
+         beta.clone().requires_grad_(), training, 2, 1, residual.clone().requires_grad_(), 0),
+        (x, w.clone().requires_grad_(), mean, invstd, gamma, None, training, 1, 1, None, 0),
+    ]
+    for args in cases:
+        torch.library.opcheck(native.bn_relu_conv2d, args)
+
+
 def test_saved_bytes_of_the_native_unit_are_at_most_55_percent_of_eager():
     from fused_preact.memory import saved_tensor_bytes
 
