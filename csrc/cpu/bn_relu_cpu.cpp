@@ -648,7 +648,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
   auto [gamma, beta] = bn_relu_backward_checks(grad_out_in, x_in, mean_in, invstd_in, weight, bias);
-  if (x_in.numel() == 0) return bn_relu_backward_two_pass(grad_out_in, x_in, mean_in, invstd_in, weight, bias, training);
+  if (x_in.numel() == 0)
+    return bn_relu_backward_two_pass(grad_out_in, x_in, mean_in, invstd_in, weight, bias, training);
   at::Tensor x, grad_out;
   std::tie(x, grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", "fused_preact::bn_relu_backward");
   at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
@@ -692,8 +693,10 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_inplace_cpu(
 void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean_in,
                               const at::Tensor& var_in, double momentum, int64_t count) {
   check_running_stats_update(running_mean, running_var, mean_in, var_in, count);
-  if (!running_mean.is_contiguous() || !running_var.is_contiguous() || running_mean.scalar_type() != running_var.scalar_type() ||
-      mean_in.scalar_type() != var_in.scalar_type()) {
+  const bool one_loop = running_mean.is_contiguous() && running_var.is_contiguous() &&
+                        running_mean.scalar_type() == running_var.scalar_type() &&
+                        mean_in.scalar_type() == var_in.scalar_type();
+  if (!one_loop) {
     return update_running_stats_generic(running_mean, running_var, mean_in, var_in, momentum, count);
   }
   const at::Tensor mean = mean_in.contiguous(), var = var_in.contiguous();
