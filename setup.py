@@ -107,6 +107,19 @@ def _openmp() -> bool:
 _BUILD_INFO = os.path.join(ROOT, "fused_preact", "_build_info.py")
 
 
+def _capability_flags() -> dict:
+    """The CPU flags each vector capability needs: fused_preact/_extension.py's
+    table (the one the import-time check uses), read without importing the
+    package, which would need the extension built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fused_preact_extension",
+                                                  os.path.join(ROOT, "fused_preact", "_extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._CAPABILITY_FLAGS
+
+
 def _write_build_info(cpu_capability: str) -> None:
     text = ('"""Written by setup.py at build time; not in git."""\n\n'
             f"CPU_CAPABILITY = {cpu_capability!r}  # vector instructions the C++ CPU kernels were compiled for\n")
@@ -140,8 +153,8 @@ def _cpu_flags() -> list[str]:
             cpuinfo = open("/proc/cpuinfo").read()
         except OSError:
             cpuinfo = ""
-        has = set(cpuinfo.split())
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= has:
+        has, needs = set(cpuinfo.split()), _capability_flags()
+        if needs["AVX512"] <= has:
             # torch picks its AVX-512 kernels on such CPUs; so do we
             # (16 floats per vector instead of 8).
             # (-Wno-maybe-uninitialized: GCC 12 false positives inside avx512fintrin.h.)
@@ -149,7 +162,7 @@ def _cpu_flags() -> list[str]:
                       "-Wno-maybe-uninitialized",
                       "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
             capability = "AVX512"
-        elif {"avx2", "fma"} <= has:
+        elif needs["AVX2"] <= has:
             flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
             capability = "AVX2"
     _write_build_info(capability)

@@ -67,16 +67,6 @@ def profile_unit(shape, provider: str, batch: int, device: str, dtype: torch.dty
             "host_ms": statistics.median(host), "top": [(name[:90], us / 1e3) for name, us in top]}
 
 
-def floor_ms(shape, batch: int, ceilings: dict, elem: int) -> float | None:
-    """max(bytes / copy bandwidth, FLOPs / matmul rate) for forward + backward
-    (backward: two GEMMs of the forward's size)."""
-    if not ceilings:
-        return None
-    fwd_bytes, bwd_bytes = shape.min_bytes(batch, elem)
-    flops = 3 * shape.flops(batch)
-    return max((fwd_bytes + bwd_bytes) / ceilings["copy_bytes_per_s"], flops / ceilings["bf16_flops_per_s"]) * 1e3
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +92,8 @@ def main(argv=None) -> int:
         batch = args.batch or (2 if device == "cpu" else (128 if set_name == "resnet164" else 64))
         for shape in units:
             row = {"unit": f"{shape.model} {shape.name} {shape.cin}->{shape.cout} @{shape.size}", "batch": batch,
-                   "floor_ms": floor_ms(shape, batch, ceilings, torch.finfo(dtype).bits // 8)}
+                   "floor_ms": sum(shape.floor_ms(batch, torch.finfo(dtype).bits // 8, ceilings)) if ceilings
+                   else None}
             for provider in args.providers.split(","):
                 t0 = time.perf_counter()
                 try:

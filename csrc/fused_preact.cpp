@@ -226,8 +226,10 @@ TORCH_LIBRARY(fused_preact, m) {
 }
 
 TORCH_LIBRARY_IMPL(fused_preact, CompositeExplicitAutograd, m) {
-  // Every device: the reduce op, then the apply op. CPU registers a one-sweep
-  // kernel for NCHW inputs (cpu/bn_relu_cpu.cpp) that falls back to this.
+  // Every device: the reduce op, then the apply op (bn_relu_backward_: the
+  // same and a copy). CPU registers its own kernels for both and for
+  // update_running_stats (cpu/bn_relu_cpu.cpp), falling back to these for
+  // empty or differently laid out tensors.
   m.impl("bn_relu_backward", &fused_preact::bn_relu_backward_two_pass);
   m.impl("bn_relu_backward_", &fused_preact::bn_relu_backward_inplace_generic);
   m.impl("update_running_stats", &fused_preact::update_running_stats_generic);

@@ -14,8 +14,8 @@ _loaded: bool | None = None
 _error: str = ""
 
 
-# CPU flags each build capability needs (setup.py's choice, recorded in
-# _build_info.py).
+# CPU flags each build capability needs: setup.py picks the capability from
+# this table and records it in _build_info.py; load() checks it here.
 _CAPABILITY_FLAGS = {"AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}, "AVX2": {"avx2", "fma"}}
 
 

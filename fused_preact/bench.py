@@ -77,6 +77,14 @@ class UnitShape:
         w = self.cout * self.cin * self.kernel ** 2 * elem
         return x + y + w + (y if self.residual else 0), 2 * x + y + 2 * w
 
+    def floor_ms(self, batch: int, elem: int, ceilings: dict) -> tuple[float, float]:
+        """(forward, backward) floor in ms: max(FLOPs / matmul rate, bytes /
+        copy bandwidth) each, from ``device_ceilings``."""
+        flops = self.flops(batch)
+        fwd_b, bwd_b = self.min_bytes(batch, elem)
+        return (max(flops / ceilings["bf16_flops_per_s"], fwd_b / ceilings["copy_bytes_per_s"]) * 1e3,
+                max(2 * flops / ceilings["bf16_flops_per_s"], bwd_b / ceilings["copy_bytes_per_s"]) * 1e3)
+
 
 def resnet164_units() -> list[UnitShape]:
     """Distinct units of the paper's CIFAR ResNet-164 (bottleneck, widths
@@ -732,8 +740,7 @@ def main(argv=None) -> int:
         row.update({"flops_forward": flops, "flops_backward": 2 * flops, "min_bytes_forward": fwd_b,
                     "min_bytes_backward": bwd_b, "floor_ms": None})
         if ceil:
-            floor_f = max(flops / ceil["bf16_flops_per_s"], fwd_b / ceil["copy_bytes_per_s"]) * 1e3
-            floor_b = max(2 * flops / ceil["bf16_flops_per_s"], bwd_b / ceil["copy_bytes_per_s"]) * 1e3
+            floor_f, floor_b = shape.floor_ms(row["batch"], elem, ceil)
             row.update({"floor_forward_ms": floor_f, "floor_backward_ms": floor_b, "floor_ms": floor_f + floor_b})
             for r in row["providers"].values():
                 t = r.get("train_step_graph", r["train_step"])["median_ms"]

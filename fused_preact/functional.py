@@ -144,8 +144,8 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
     here, once, even when the state feeds two convs (unit 1 and a projection
     shortcut share the pre-activation). ``batch``: x's [2, C] mean and biased
     variance from the producer's epilogue (Triton), so x is not read again.
-    ``sync``: synchronized BatchNorm over the default process group (native
-    backend; see fused_preact.distributed)."""
+    ``sync``: synchronized BatchNorm over the default process group (see
+    fused_preact.distributed)."""
     batch_stats = training or running_mean is None
     from . import distributed
 
@@ -156,10 +156,10 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
 
             mean, var = triton_ops.bn_stats(x.detach())
             mean, var, count = distributed.global_moments(mean, var, local_count)
-            bn = triton_ops.bn_prepare(x.detach(), torch.stack((mean, var)),
-                                       None if bn_weight is None else bn_weight.detach(),
-                                       None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
-                                       training, momentum, eps, count)
+            bn = triton_ops.prepare(x.detach(), torch.stack((mean, var)),
+                                    None if bn_weight is None else bn_weight.detach(),
+                                    None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
+                                    training, momentum, eps, count)
             return (bn, count), batch_stats
         ops = torch.ops.fused_preact
         mean, var = ops.bn_stats(x.detach())

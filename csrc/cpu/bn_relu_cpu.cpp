@@ -644,48 +644,51 @@ void bn_relu_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, co
   for_each_run(x, apply);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
-  auto [gamma, beta] = bn_relu_backward_checks(grad_out_in, x_in, mean_in, invstd_in, weight, bias);
-  if (x_in.numel() == 0)
-    return bn_relu_backward_two_pass(grad_out_in, x_in, mean_in, invstd_in, weight, bias, training);
-  at::Tensor x, grad_out;
-  std::tie(x, grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", "fused_preact::bn_relu_backward");
+// bn_relu_backward of checked, dense x and grad_out in x's layout, grad_x
+// written to `grad_x` (a fresh tensor, or grad_out itself: every value of
+// grad_x is written after the last read of the grad_out value at the same
+// index, since a channel's sums are complete before its apply starts and the
+// apply reads and writes index by index). Returns (grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_into(const at::Tensor& grad_out, const at::Tensor& x,
+                                                         const at::Tensor& mean_in, const at::Tensor& invstd_in,
+                                                         const at::Tensor& gamma, const at::Tensor& beta,
+                                                         bool training, at::Tensor& grad_x) {
   at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
   // The same ATen expressions as the forward's scale/shift, so the ReLU mask
   // recomputed here is bit-identical to the forward's.
   at::Tensor scale = (gamma * invstd).contiguous();
   at::Tensor shift = (beta - mean * scale).contiguous();
-  at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_weight = at::empty_like(mean), grad_bias = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_backward_cpu", [&] {
     bn_relu_backward_kernel<scalar_t>(grad_out, x, mean, invstd, scale, shift, training, grad_x, grad_weight,
                                       grad_bias);
   });
+  return {grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
+  auto [gamma, beta] = bn_relu_backward_checks(grad_out_in, x_in, mean, invstd, weight, bias);
+  if (x_in.numel() == 0)
+    return bn_relu_backward_two_pass(grad_out_in, x_in, mean, invstd, weight, bias, training);
+  at::Tensor x, grad_out;
+  std::tie(x, grad_out) = checked_dense_pair(x_in, grad_out_in, "grad_out", "fused_preact::bn_relu_backward");
+  at::Tensor grad_x = at::empty_like(x);
+  auto [grad_weight, grad_bias] = bn_relu_backward_into(grad_out, x, mean, invstd, gamma, beta, training, grad_x);
   return {grad_x, grad_weight, grad_bias};
 }
 
-// bn_relu_backward_: the same kernel with grad_x aliasing grad_out. Safe
-// because every value of grad_x is written after the last read of the
-// grad_out value at the same index (the sums of a channel are complete before
-// its apply starts, and the apply reads and writes index by index).
+// bn_relu_backward_: grad_x written over grad_out where grad_out is x's
+// dense twin; otherwise two passes and a copy.
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_inplace_cpu(
-    at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+    at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
-  auto [gamma, beta] = bn_relu_backward_checks(grad_out, x_in, mean_in, invstd_in, weight, bias);
+  auto [gamma, beta] = bn_relu_backward_checks(grad_out, x_in, mean, invstd, weight, bias);
   const at::Tensor x = dense(x_in);
-  if (x.numel() == 0 || grad_out.strides() != x.strides())  // not writable as x's dense twin: two passes + copy
-    return bn_relu_backward_inplace_generic(grad_out, x_in, mean_in, invstd_in, weight, bias, training);
-  at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
-  at::Tensor scale = (gamma * invstd).contiguous();  // as in bn_relu_backward_cpu
-  at::Tensor shift = (beta - mean * scale).contiguous();
-  at::Tensor grad_weight = at::empty_like(mean), grad_bias = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_relu_backward_inplace_cpu", [&] {
-    bn_relu_backward_kernel<scalar_t>(grad_out, x, mean, invstd, scale, shift, training, grad_out, grad_weight,
-                                      grad_bias);
-  });
-  return {grad_weight, grad_bias};
+  if (x.numel() == 0 || grad_out.strides() != x.strides())
+    return bn_relu_backward_inplace_generic(grad_out, x_in, mean, invstd, weight, bias, training);
+  return bn_relu_backward_into(grad_out, x, mean, invstd, gamma, beta, training, grad_out);
 }
 
 // nn.BatchNorm2d's running-statistics update (see update_running_stats in
