@@ -40,3 +40,12 @@ def all_reduce_sum(*tensors: Tensor) -> list[Tensor]:
     flat = torch.stack(tensors)
     dist.all_reduce(flat)
     return list(flat.unbind(0))
+
+
+def backward_constants(grad_gamma: Tensor, grad_beta: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor,
+                       global_count: int) -> tuple[Tensor, Tensor]:
+    """(k1, k0) of gx = gz*scale + x*k1 + k0 from the all-reduced gamma/beta
+    gradients (sum gz*xhat, sum gz) and the global count: the BatchNorm
+    backward's constants over the global batch (both backends)."""
+    k1 = -scale * grad_gamma * invstd / global_count
+    return k1, -scale * grad_beta / global_count - k1 * mean

@@ -238,7 +238,6 @@ def _synchronized_bn_relu_backward(grad_a, x, mean, invstd, scale, shift, global
 
     sum_gz, sum_gz_xc = ops.bn_relu_backward_reduce(grad_a, x, mean, scale, shift)
     local_gamma, local_beta = sum_gz_xc * invstd, sum_gz
-    g_sum_gz, g_sum_gz_xc = distributed.all_reduce_sum(sum_gz, sum_gz_xc)
-    k1 = -scale * invstd * (g_sum_gz_xc * invstd) / global_count
-    k0 = -scale * g_sum_gz / global_count - k1 * mean
+    g_gamma, g_beta = distributed.all_reduce_sum(local_gamma, local_beta)
+    k1, k0 = distributed.backward_constants(g_gamma, g_beta, mean, invstd, scale, global_count)
     return ops.bn_relu_backward_apply(grad_a, x, scale, shift, k1, k0), local_gamma, local_beta

@@ -334,8 +334,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                 from . import distributed
 
                 g_gamma, g_beta = distributed.all_reduce_sum(out[0], out[1])
-                out[2] = -bn[2] * g_gamma * bn[1] / global_count
-                out[3] = -bn[2] * g_beta / global_count - out[2] * bn[0]
+                out[2], out[3] = distributed.backward_constants(g_gamma, g_beta, bn[0], bn[1], bn[2], global_count)
             block_m = 64 if INTERPRET else 128
             _run("bn_grad_input_kernel", (_cdiv(m, block_m), _cdiv(c, block_c)),
                  gz, x, gz, bn[2], out[2], out[3], m, c, h * w, w, *_strides(x), TRAINING=training,
