@@ -159,7 +159,7 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
     # the last one's travel with the block's output to the next block.
     batch_mode = any(n.training or not n.track_running_stats for n, _ in units)
     emit = backend == "triton" and batch_mode and not sync  # sync_bn: statistics are global, recomputed
-    emit_out = emit and not post_unfused and not sync and not torch.compiler.is_compiling()
+    emit_out = emit and not post_unfused and not torch.compiler.is_compiling()
     incoming = _incoming_moments(x, backend) if not sync else None
     if proj is None:
         out, stats = _unit(name, *units[0], x, backend, batch=incoming, emit_stats=emit and len(units) > 1,
