@@ -191,6 +191,7 @@ def _extension():
 
 setup(
     packages=find_packages(include=["fused_preact", "fused_preact.*"]),
+    package_data={"fused_preact": ["null_cuda.c"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

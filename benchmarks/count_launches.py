@@ -1,5 +1,5 @@
-"""Counts what one fused unit (BN -> ReLU -> 3x3 conv, training step)
-dispatches: ATen ops that run a kernel (views and metadata ops excluded) and
+"""Counts what one fused unit (BN -> ReLU -> 3x3 conv, and -> 1x1 conv;
+one training step) dispatches: ATen ops that run a kernel (views and metadata ops excluded) and
 Triton kernel launches, per backend. A host-overhead proxy that needs no GPU
 (Triton runs under TRITON_INTERPRET=1 on CPU tensors).
 
@@ -46,11 +46,11 @@ def _kernel_ops(prof) -> "collections.Counter[str]":
     return counts
 
 
-def count(backend: str, emit_stats: bool = False):
+def count(backend: str, ksize: int = 3):
     from fused_preact import triton_launch
 
     torch.manual_seed(0)
-    unit = fused_preact.FusedBNReLUConv2d(16, 16, 3, backend=backend)
+    unit = fused_preact.FusedBNReLUConv2d(16, 16, ksize, backend=backend)
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     unit(x).sum().backward()  # warm-up (autotuning, lazy imports)
     before = triton_launch.LAUNCHES.copy()
@@ -63,9 +63,10 @@ def count(backend: str, emit_stats: bool = False):
 
 if __name__ == "__main__":
     for backend in sys.argv[1:] or ["torch", "native", "triton"]:
-        ops, launches = count(backend)
-        print(f"{backend:7} aten kernel ops {sum(ops.values()):3}  triton launches {sum(launches.values()):2}  "
-              f"total {sum(ops.values()) + sum(launches.values()):3}")
-        print("        aten:", dict(ops.most_common()))
-        if launches:
-            print("        triton:", dict(launches))
+        for ksize in (3, 1):
+            ops, launches = count(backend, ksize)
+            print(f"{backend:7} {ksize}x{ksize} aten kernel ops {sum(ops.values()):3}  triton launches "
+                  f"{sum(launches.values()):2}  total {sum(ops.values()) + sum(launches.values()):3}")
+            print("        aten:", dict(ops.most_common()))
+            if launches:
+                print("        triton:", dict(launches))

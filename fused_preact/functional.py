@@ -179,14 +179,18 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
     return (mean, invstd, 0), batch_stats
 
 
-def eager_function(name: str, forward, setup_context, backward) -> type:
+def eager_function(name: str, forward, setup_context, backward, materialize_grads: bool = True) -> type:
     """An autograd.Function that runs a custom op's forward and autograd
     formula (``register_autograd``'s setup_context/backward) without the
     custom-op layer: what the fused units use in eager mode, where that layer's
     Python cost about 100 us per training step. Under torch.compile they call
-    the op itself, one opaque node for the compiler."""
+    the op itself, one opaque node for the compiler. ``materialize_grads``
+    off: outputs that get no gradient (emitted statistics) reach ``backward``
+    as None instead of as zero tensors, one launch less per backward;
+    ``backward`` must then take None for every gradient."""
 
     def forward_(ctx, *inputs):
+        ctx.set_materialize_grads(materialize_grads)
         output = forward(*inputs)
         setup_context(ctx, inputs, output)
         return output

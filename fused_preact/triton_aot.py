@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 _TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 # Channel counts of the paper's CIFAR ResNet-164 and of ResNet-v2-50 units:
@@ -49,23 +50,29 @@ class Compiled:
     error: str = ""
 
 
-def _specialize(fn, dtype: str, constexprs: dict) -> tuple[dict, dict, dict]:
+def _specialize(fn, dtype: str, constexprs: dict, pointer_dtypes: Optional[dict] = None) -> tuple[dict, dict, dict]:
     """(signature, attrs, constexprs) as the JIT would specialize a launch on
     channels_last tensors whose channel counts are multiples of 16: channel
     strides equal 1 (Triton turns an int argument equal to 1 into a
     constant), pointers, channel counts and the other strides divisible by 16.
     Without these the loads could not be vectorised and the report would
-    describe a kernel that never runs."""
+    describe a kernel that never runs. The weight's unit strides come with
+    the variant (``constexprs``), and ``pointer_dtypes`` overrides a
+    pointer's element type (an fp32 weight under autocast)."""
     stats = "fp64" if dtype == "fp64" else "fp32"
     data_ptrs = {"x_ptr", "w_ptr", "res_ptr", "y_ptr", "gy_ptr", "gz_ptr", "gx_ptr"}
     channel_strides = {"sxc", "syc", "src", "sgc"}
-    divisible = {"C", "K", "sxn", "sxh", "sxw", "syn", "syh", "syw", "srn", "srh", "srw", "sgn", "sgh", "sgw"}
+    divisible = {"C", "K", "sxn", "sxh", "sxw", "syn", "syh", "syw", "srn", "srh", "srw", "sgn", "sgh", "sgw",
+                 "swk", "swc", "swh", "sww"}
     sig, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(fn.arg_names):
         if name in channel_strides:
             consts[name] = 1
         if name in consts:
             sig[name] = "constexpr"
+        elif name in (pointer_dtypes or {}):
+            sig[name] = "*" + pointer_dtypes[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             sig[name] = "*" + (dtype if name in data_ptrs else stats)
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -90,7 +97,11 @@ def _resources(cubin: bytes, tool: str) -> tuple[int, int]:
 
 
 def _variants(kernel: str, dtype: str):
-    """(variant label, constexprs without the block config) the launchers use."""
+    """(variant label, constexprs without the block config, pointer dtype
+    overrides) the launchers use. The forward and dgrad read a 1x1 weight in
+    nn.Conv2d's layout and dtype (C contiguous; fp32 under autocast) and a
+    larger one packed in the data dtype (K contiguous for the forward, C for
+    dgrad: ``triton_launch._gemm_weight``)."""
     import triton.language as tl
 
     dtype = _TYPE.get(dtype, dtype)
@@ -98,12 +109,18 @@ def _variants(kernel: str, dtype: str):
     common = {"IS_FP64": dtype == "fp64", "DOT_DTYPE": dot, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
     for k, s in ((3, 1), (3, 2), (1, 1), (1, 2)):
         geometry = {"STRIDE": s, "PAD": k // 2, "KH": k, "KW": k}
+        weight, pointers = {}, {}
+        if kernel in ("conv_fwd_kernel", "conv_dgrad_kernel"):
+            if k == 1:  # [K, C, 1, 1] as it is
+                weight, pointers = {"swc": 1, "swh": 1, "sww": 1}, {"w_ptr": "fp64" if dtype == "fp64" else "fp32"}
+            else:
+                weight = {"swk": 1} if kernel == "conv_fwd_kernel" else {"swc": 1}
         if kernel == "conv_fwd_kernel":
             for res, emit in itertools.product((False, True), repeat=2):
                 yield (f"{k}x{k}/s{s}{'+res' if res else ''}{'+stats' if emit else ''}",
-                       {**geometry, **common, "HAS_RESIDUAL": res, "EMIT_STATS": emit})
+                       {**geometry, **common, **weight, "HAS_RESIDUAL": res, "EMIT_STATS": emit}, pointers)
         else:
-            yield f"{k}x{k}/s{s}", {**geometry, **common}
+            yield f"{k}x{k}/s{s}", {**geometry, **common, **weight}, pointers
 
 
 def _configs(kernel: str, all_configs: bool):
@@ -144,7 +161,7 @@ def _small_kernels(dtype: str):
 
 
 def _jobs(dtypes, all_configs: bool) -> list[tuple]:
-    """(kernel, dtype, variant, constexprs, warps, stages, default?) to compile.
+    """(kernel, dtype, variant, constexprs, warps, stages, default?, pointer dtypes) to compile.
     Every config of each GEMM kernel with its heaviest variant (3x3, stride 1,
     residual and statistics epilogue), the first config with every other
     variant; ``all_configs``: every config with every variant."""
@@ -152,16 +169,16 @@ def _jobs(dtypes, all_configs: bool) -> list[tuple]:
     for dtype in dtypes:
         for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"):
             configs = list(_configs(kernel, all_configs))
-            for i, (variant, constexprs) in enumerate(_variants(kernel, dtype)):
+            for i, (variant, constexprs, pointers) in enumerate(_variants(kernel, dtype)):
                 # _variants yields the 3x3/s1 variants first; the last of
                 # those for conv_fwd is the one with residual and statistics.
                 heaviest = variant in ("3x3/s1", "3x3/s1+res+stats")
                 for j, (cfg, default) in enumerate(configs):
                     if all_configs or heaviest or j == 0:
                         jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,
-                                     cfg.num_stages, default))
+                                     cfg.num_stages, default, pointers))
         for kernel, variant, constexprs, warps in _small_kernels(dtype):
-            jobs.append((kernel, dtype, variant, constexprs, warps, 3, True))
+            jobs.append((kernel, dtype, variant, constexprs, warps, 3, True, {}))
     return jobs
 
 
@@ -172,14 +189,14 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
 
     from . import triton_kernels as K
 
-    kernel, dtype, variant, constexprs, warps, stages, default = job
+    kernel, dtype, variant, constexprs, warps, stages, default, pointers = job
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     fn = getattr(K, kernel)
     cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP")))
     rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}", default)
     t0 = time.time()
     try:
-        sig, attrs, consts = _specialize(fn, _TYPE.get(dtype, dtype), constexprs)
+        sig, attrs, consts = _specialize(fn, _TYPE.get(dtype, dtype), constexprs, pointers)
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": warps, "num_stages": stages})

@@ -235,14 +235,16 @@ def _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sx
 @triton.jit
 def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_part_ptr, m2_part_ptr,
                     M, C, K, H, W, OH, OW,
-                    sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
+                    sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw, swk, swc, swh, sww,
                     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                     HAS_RESIDUAL: tl.constexpr, EMIT_STATS: tl.constexpr, IS_FP64: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Implicit-GEMM forward: rows = output pixels (M = N*OH*OW), columns =
-    output channels (K), reduction = KH*KW taps x C input channels. The weight
-    is packed [KH, KW, C, K] (K contiguous)."""
+    output channels (K), reduction = KH*KW taps x C input channels. The
+    weight [K, C, KH, KW] is read through its strides (sw*): nn.Conv2d's own
+    for 1x1, packed [KH, KW, C, K] by the launcher for larger kernels; in any
+    float dtype, cast to DOT_DTYPE as it is loaded (autocast's cast)."""
     pid_m, pid_n = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -260,14 +262,14 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
             iw = ow * STRIDE - PAD + kw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            w_tap = w_ptr + kh * swh + kw * sww
             for c0 in range(0, C, BLOCK_K):
                 offs_c = c0 + tl.arange(0, BLOCK_K)
                 a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc,
                                     DOT_DTYPE, IS_FP64)
-                w_rows = (kh * KW + kw) * C + offs_c
-                b = tl.load(w_ptr + w_rows.to(tl.int64)[:, None] * K + offs_n[None, :],
+                b = tl.load(w_tap + offs_c[:, None] * swc + offs_n[None, :] * swk,
                             mask=(offs_c < C)[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(a, b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
     col = offs_n.to(tl.int64)[None, :]
@@ -291,14 +293,16 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
 def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, gz_ptr,
                       sum_gz_ptr, sum_gz_xhat_ptr,
                       M, C, K, H, W, OH, OW,
-                      sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                      sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swk, swc, swh, sww,
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """ga[n, h, w, c] = sum over taps and output channels of gy * W: rows =
     input pixels (M = N*H*W), columns = input channels C, reduction = taps x
     K. A tap reaches output pixel ((h + PAD - kh)/STRIDE, ...) when that is an
-    integer in range. The weight is packed [KH, KW, K, C] (C contiguous).
+    integer in range. The weight [K, C, KH, KW] is read through its strides
+    (nn.Conv2d's own for 1x1, packed [KH, KW, K, C] otherwise) and cast to
+    DOT_DTYPE as it is loaded.
     Epilogue: gz = ga * [x*scale + shift > 0] stored in x's layout, and
     per-tile sums of gz and gz*xhat for the gamma/beta gradients."""
     pid_m, pid_n = _grouped_pid(M, C, BLOCK_M, BLOCK_N, GROUP_M)
@@ -321,13 +325,13 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
             ow = tw // STRIDE
             row_ok = mask_m & h_ok & (tw >= 0) & (tw == ow * STRIDE) & (ow < OW)
             row_base = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+            w_tap = w_ptr + kh * swh + kw * sww
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < K
                 g = tl.load(gy_ptr + row_base[:, None] + offs_k.to(tl.int64)[None, :] * sgc,
                             mask=row_ok[:, None] & mask_k[None, :], other=0.0)
-                w_rows = (kh * KW + kw) * K + offs_k
-                b = tl.load(w_ptr + w_rows.to(tl.int64)[:, None] * C + offs_n[None, :],
+                b = tl.load(w_tap + offs_k[:, None] * swk + offs_n[None, :] * swc,
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)
                 acc = tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 

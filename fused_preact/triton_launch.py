@@ -100,9 +100,10 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False) 
     configs = []
     for bk, stages in ((_pow2(n_red, 16, 64), 3), (_pow2(n_red, 16, 32), 4)):
         # Per thread: the fp32 accumulator (BLOCK_M*BN) and the transformed
-        # A tile (BLOCK_M*BK). Past 96 columns together four warps spilled
-        # on sm_90 (triton_aot); eight do not.
-        warps = 8 if bn + bk >= 96 else 4
+        # A tile (BLOCK_M*BK). From 80 columns together four warps spill on
+        # sm_90 or come within a register of it (255 of 255 for 3x3 16x64;
+        # triton_aot); eight do not.
+        warps = 8 if bn + bk >= 80 else 4
         if bk not in [c.kwargs["BLOCK_K"] for c in configs]:
             configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                          num_warps=warps, num_stages=stages))
@@ -125,36 +126,113 @@ ROWS_GPU, ROWS_INTERPRET = 128, 32
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, config_key: tuple) -> object:
+def _configs_for(config_key: tuple) -> tuple:
     kind, *args = config_key
-    configs = _wgrad_configs(*args) if kind == "wgrad" else _gemm_configs(*args)
-    return triton.autotune(configs=configs, key=["M", "C", "K", "H", "W", "OH", "OW"])(getattr(K, kernel_name))
+    return tuple(_wgrad_configs(*args) if kind == "wgrad" else _gemm_configs(*args))
 
 
-def _run(kernel_name: str, grid, *args, **kwargs) -> None:
-    """Launches a plain kernel (counted; under the interpreter marked in the
-    profiler, whose numpy copies are not GPU work)."""
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str, config_key: tuple) -> object:
+    return triton.autotune(configs=list(_configs_for(config_key)),
+                           key=["M", "C", "K", "H", "W", "OH", "OW"])(getattr(K, kernel_name))
+
+
+# ---------------------------------------------------------------- launching
+# At the batch sizes of the paper's CIFAR ResNets the fused units are
+# host-bound (benchmarks/RESULTS.md), and a launch through Triton's
+# JITFunction.run is the costly part: ~17 us for the conv kernels on this
+# project's CPU (binding and specialising 40 arguments, the kernel cache),
+# ~30 us more through the autotuner, against ~4 us for the compiled kernel's
+# own launcher (benchmarks/host_overhead.py, null driver). So the first
+# launch of each specialisation goes through Triton (compile, autotune) and
+# keeps the CompiledKernel it returns; a later launch with the same key calls
+# that kernel directly with every argument, constexprs included, in the
+# kernel's parameter order: the launch form of Triton's fused-softmax
+# tutorial. The key holds what Triton specialises on -- each tensor's dtype
+# and address alignment, each scalar's value, the constexprs, the block
+# config -- and the current device (compiled kernels are loaded per device).
+# FUSED_PREACT_TRITON_FAST_LAUNCH=0 sends every launch through Triton.
+
+FAST_LAUNCH = os.environ.get("FUSED_PREACT_TRITON_FAST_LAUNCH", "1") != "0"
+_COMPILED: dict = {}
+_COMPILED_MAX = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _pointer_count(kernel_name: str) -> int:
+    """How many leading parameters of the kernel are pointers (every kernel
+    here takes its tensors first, then scalars)."""
+    names = getattr(K, kernel_name).arg_names
+    count = next((i for i, name in enumerate(names) if not name.endswith("_ptr")), len(names))
+    assert not any(name.endswith("_ptr") for name in names[count:]), kernel_name
+    return count
+
+
+def _spec_key(kernel_name: str, args: tuple) -> tuple:
+    n = _pointer_count(kernel_name)
+    return tuple([(a.dtype, a.data_ptr() & 15) for a in args[:n]]), args[n:]
+
+
+def _launch(kernel_name: str, grid, args: tuple, kwargs: dict, config_key: Optional[tuple] = None) -> None:
+    """Launches ``kernel_name`` on ``grid`` (a tuple, or a function of the
+    launch's meta-parameters) with positional ``args`` and constexpr
+    ``kwargs``; ``config_key`` names its block configs (``_configs_for``),
+    autotuned when there are several. Counted in LAUNCHES; under the
+    interpreter marked in the profiler, whose numpy copies are not GPU work."""
     LAUNCHES[kernel_name] += 1
-    if INTERPRET and torch.autograd.profiler._is_profiler_enabled:
-        with torch.profiler.record_function("triton_interpreted_kernel"):
-            getattr(K, kernel_name)[grid](*args, **kwargs)
+    fn = getattr(K, kernel_name)
+    if INTERPRET:
+        if torch.autograd.profiler._is_profiler_enabled:
+            with torch.profiler.record_function("triton_interpreted_kernel"):
+                fn[grid](*args, **kwargs)
+        else:
+            fn[grid](*args, **kwargs)
+        return
+    key = None
+    if FAST_LAUNCH:
+        key = (kernel_name, config_key, triton.runtime.driver.active.get_current_device(), tuple(kwargs.items()),
+               _spec_key(kernel_name, args))
+        hit = _COMPILED.get(key)
+        if hit is not None:
+            compiled, grid3, tail = hit
+            compiled[grid3](*args, *tail)
+            return
+    configs = _configs_for(config_key) if config_key is not None else ()
+    if len(configs) > 1:
+        tuner = _tuned(kernel_name, config_key)
+        compiled = tuner[grid](*args, **kwargs)
+        best = getattr(tuner, "best_config", None)
+        meta = {**kwargs, **best.kwargs} if best is not None else None
+    elif configs:
+        cfg = configs[0]
+        meta = {**kwargs, **cfg.kwargs}
+        compiled = fn[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        getattr(K, kernel_name)[grid](*args, **kwargs)
+        meta = kwargs
+        compiled = fn[grid](*args, **kwargs)
+    if key is None or meta is None or not isinstance(compiled, triton.compiler.CompiledKernel):
+        return
+    names = fn.arg_names[len(args):]
+    if any(name not in meta for name in names):
+        return
+    g = tuple(grid(meta) if callable(grid) else grid)
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()
+    _COMPILED[key] = (compiled, g + (1,) * (3 - len(g)), tuple(meta[name] for name in names))
+
+
+def _run(kernel_name: str, grid, *args, **constexprs) -> None:
+    """Launches a kernel with its launch-site block sizes (no autotuning)."""
+    _launch(kernel_name, grid, args, constexprs)
 
 
 def _launch_gemm(kernel_name: str, grid, config_key: tuple, interpret_meta: dict, *args, **constexprs) -> None:
+    """Launches a GEMM kernel with its (autotuned) block config; under the
+    interpreter with ``interpret_meta``'s small fixed one."""
     if INTERPRET:
-        _run(kernel_name, grid, *args, **constexprs, **interpret_meta)
-        return
-    LAUNCHES[kernel_name] += 1
-    kind, *shape = config_key
-    configs = _wgrad_configs(*shape) if kind == "wgrad" else _gemm_configs(*shape)
-    if len(configs) == 1:
-        cfg = configs[0]
-        getattr(K, kernel_name)[grid](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps,
-                                      num_stages=cfg.num_stages)
+        _launch(kernel_name, grid, args, {**constexprs, **interpret_meta})
     else:
-        _tuned(kernel_name, config_key)[grid](*args, **constexprs)
+        _launch(kernel_name, grid, args, constexprs, config_key)
 
 
 # ------------------------------------------------------------- statistics
@@ -237,11 +315,18 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
     return out
 
 
-def _pack(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """weight.permute(order) made contiguous in ``dtype``: one copy kernel
+def _gemm_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The conv weight as a GEMM kernel reads it: a [K, C, KH, KW] view whose
+    strides it follows. A 1x1 weight as it is (C contiguous in nn.Conv2d's
+    layout, read in its own dtype and cast in the kernel: no launch); a
+    larger one packed in ``dtype`` with its axes in memory in ``order`` (K or
+    C innermost, so that each tap's [C, K] block is dense): one copy kernel
     that also does autocast's cast."""
+    if weight.shape[2] == 1 and weight.shape[3] == 1:
+        return weight
     src = weight.permute(order)
-    return torch.empty(src.shape, device=weight.device, dtype=dtype).copy_(src)
+    packed = torch.empty(src.shape, device=weight.device, dtype=dtype).copy_(src)
+    return packed.permute([order.index(axis) for axis in range(4)])
 
 
 # ---------------------------------------------------------------- forward
@@ -268,14 +353,14 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
         mean_part = torch.empty((tiles, k_out), device=x.device, dtype=sdt)
         m2_part = torch.empty_like(mean_part)
     if m > 0:
-        w_packed = _pack(weight, (2, 3, 1, 0), x.dtype)  # [KH, KW, C, K]
+        w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype)  # packed [KH, KW, C, K]
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64),
                      {"BLOCK_M": rows, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 16),
                       "GROUP_M": 4},
-                     x, w_packed, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
-                     *_strides(x), *_strides(y), *_strides(res), STRIDE=stride, PAD=padding, KH=kh, KW=kw,
+                     x, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
+                     *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding, KH=kh, KW=kw,
                      HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
                      DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
         if emit_stats:
@@ -314,13 +399,13 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         part_gz_xhat = torch.empty_like(part_gz)
         out = torch.empty((4, c), device=x.device, dtype=sdt)  # grad_gamma, grad_beta, k1, k0
         if m > 0:
-            w_packed = _pack(weight, (2, 3, 0, 1), x.dtype)  # [KH, KW, K, C]
+            w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype)  # packed [KH, KW, K, C]
             grid = lambda meta: (tiles * _cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
                           "GROUP_M": 4},
-                         grad_y, w_packed, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
-                         m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x),
+                         grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
+                         m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
                          INPUT_PRECISION=precision)
             block_c = _pow2(c, 16, 64)

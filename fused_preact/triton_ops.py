@@ -126,6 +126,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_stats, backward=bn_relu_conv2d_backward):
     """The unit's autograd formula; ``backward`` computes it: the backward op
     (what the compiler and opcheck trace), or its plain function in eager mode."""
+    if grad_y is None:  # no gradient reached y (eager path: gradients are not materialised)
+        return (None,) * 11
     x, weight, bn = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_gamma = ctx.gamma_dtype is not None and ctx.needs_input_grad[3]
@@ -148,7 +150,7 @@ bn_relu_conv2d.register_autograd(_backward, setup_context=_setup_context)
 # (functional.eager_function): the fused units were host-bound on the H200.
 
 _EagerUnit = eager_function("_EagerUnit", _unit_forward, _setup_context,
-                            functools.partial(_backward, backward=_unit_backward))
+                            functools.partial(_backward, backward=_unit_backward), materialize_grads=False)
 
 
 def unit(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],

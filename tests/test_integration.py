@@ -118,14 +118,17 @@ def test_unregistered_blocks_are_left_alone():
     assert not report.converted and not report.declined
 
 
-AUTOCAST_CASES = [("cpu", torch.bfloat16, "native")] + (
-    [("cuda", dt, be) for dt in (torch.float16, torch.bfloat16) for be in ("native", "triton")]
+# Bottleneck blocks too on CUDA: their 1x1 convs hand the Triton kernels the
+# fp32 weight itself (cast as it is loaded), the 3x3 ones a packed bf16 copy.
+AUTOCAST_CASES = [("cpu", torch.bfloat16, "native", "basic")] + (
+    [("cuda", dt, be, block) for dt in (torch.float16, torch.bfloat16) for be in ("native", "triton")
+     for block in ("basic", "bottleneck")]
     if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("device, dtype, backend", AUTOCAST_CASES)
-def test_autocast_and_grad_scaler(device, dtype, backend):
-    ref = fused_preact.preact_resnet_cifar(20, block="basic").to(device)
+@pytest.mark.parametrize("device, dtype, backend, block", AUTOCAST_CASES)
+def test_autocast_and_grad_scaler(device, dtype, backend, block):
+    ref = fused_preact.preact_resnet_cifar(20, block=block).to(device)
     fused = fused_preact.convert(copy.deepcopy(ref), backend=backend)
     ref64 = copy.deepcopy(ref).double()
     x = torch.randn(8, 3, 16, 16, device=device)

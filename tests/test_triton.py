@@ -99,6 +99,22 @@ def test_unit_matches_reference_float32(ksize, stride, layout):
     _compare(inp, True, stride, pad, torch.float32)
 
 
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (1, 2)])
+def test_repeated_calls_agree(ksize, stride):
+    """The same unit three times on the same inputs gives the same bits. On a
+    GPU the first call goes through Triton's JIT (and autotuner), the later
+    ones through triton_launch's cached compiled kernels (fast launches); the
+    interpreter has no fast path (tests/test_triton_launch_path.py checks its
+    arguments without a GPU)."""
+    inp, pad = _inputs(2, 6, 6, 7, 5, ksize, stride, torch.float32, "channels_last", True)
+    y0, g0, rm0, rv0, grad_y = _run("triton", inp, True, stride, pad)
+    for _ in range(2):
+        y, g, rm, rv, _ = _run("triton", inp, True, stride, pad, grad_y)
+        assert torch.equal(y, y0) and torch.equal(rm, rm0) and torch.equal(rv, rv0)
+        for name in g0:
+            assert torch.equal(g[name], g0[name]), name
+
+
 @pytest.mark.parametrize("shape", [
     (1, 17, 5, 9, 19),  # N = 1, C and K not powers of two or tile multiples, odd W
     (3, 3, 5, 5, 4),    # C = 3
