@@ -1,6 +1,7 @@
-"""Counts what one fused unit (BN -> ReLU -> 3x3 conv, and -> 1x1 conv;
-one training step) dispatches: ATen ops that run a kernel (views and metadata ops excluded) and
-Triton kernel launches, per backend. A host-overhead proxy that needs no GPU
+"""Counts what one training step of a fused unit (BN -> ReLU -> 3x3 conv,
+and -> 1x1 conv) and of a converted ResNet-164 bottleneck block dispatches:
+ATen ops that run a kernel (views and metadata ops excluded) and Triton
+kernel launches, per backend. A host-overhead proxy that needs no GPU
 (Triton runs under TRITON_INTERPRET=1 on CPU tensors).
 
     TRITON_INTERPRET=1 python benchmarks/count_launches.py
@@ -46,16 +47,27 @@ def _kernel_ops(prof) -> "collections.Counter[str]":
     return counts
 
 
-def count(backend: str, ksize: int = 3):
+def _model(backend: str, what: str):
+    """A unit (BN -> ReLU -> 3x3 or 1x1 conv, 16 -> 16 channels) or a CIFAR
+    ResNet-164 bottleneck block (64 -> 16 -> 16 -> 64, residual), and its input."""
+    if what == "block":
+        model = fused_preact.reference.PreActBottleneck(64, 16)
+        if backend != "torch":
+            model = fused_preact.convert(model, backend=backend)
+        return model, torch.randn(2, 64, 6, 6)
+    return fused_preact.FusedBNReLUConv2d(16, 16, int(what[0]), backend=backend), torch.randn(2, 16, 6, 6)
+
+
+def count(backend: str, what: str = "3x3"):
     from fused_preact import triton_launch
 
     torch.manual_seed(0)
-    unit = fused_preact.FusedBNReLUConv2d(16, 16, ksize, backend=backend)
-    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
-    unit(x).sum().backward()  # warm-up (autotuning, lazy imports)
+    model, x = _model(backend, what)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    model(x).sum().backward()  # warm-up (autotuning, lazy imports)
     before = triton_launch.LAUNCHES.copy()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        y = unit(x)
+        y = model(x)
         y.backward(torch.ones_like(y))
     launches = triton_launch.LAUNCHES - before
     return _kernel_ops(prof), launches
@@ -63,9 +75,9 @@ def count(backend: str, ksize: int = 3):
 
 if __name__ == "__main__":
     for backend in sys.argv[1:] or ["torch", "native", "triton"]:
-        for ksize in (3, 1):
-            ops, launches = count(backend, ksize)
-            print(f"{backend:7} {ksize}x{ksize} aten kernel ops {sum(ops.values()):3}  triton launches "
+        for what in ("3x3", "1x1", "block"):
+            ops, launches = count(backend, what)
+            print(f"{backend:7} {what:5} aten kernel ops {sum(ops.values()):3}  triton launches "
                   f"{sum(launches.values()):2}  total {sum(ops.values()) + sum(launches.values()):3}")
             print("        aten:", dict(ops.most_common()))
             if launches:

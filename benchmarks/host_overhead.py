@@ -1,6 +1,6 @@
-"""Host time of one fused unit's training step (BN -> ReLU -> 3x3 conv,
-forward + backward) with the kernels themselves taken out, tiny tensors, one
-CPU thread: what is left is Python, autograd and launching -- the part that
+"""Host time of one training step (forward + backward) of a fused unit (BN ->
+ReLU -> 3x3 conv) and of a converted ResNet-164 bottleneck block, with the
+kernels themselves taken out, tiny tensors, one CPU thread: what is left is Python, autograd and launching -- the part that
 made every fused unit host-bound on the H200 (benchmarks/RESULTS.md). A CPU
 measurement; it needs no GPU.
 
@@ -44,14 +44,28 @@ sys.path.insert(0, os.path.dirname(HERE))
 import fused_preact  # noqa: E402
 
 
-def step_us(backend: str, repeats: int) -> float:
+def _model(backend: str, what: str):
+    """(module, input, output gradient): one unit (BN -> ReLU -> 3x3 conv,
+    16 -> 16 channels), or a CIFAR ResNet-164 bottleneck block (64 -> 16 -> 16
+    -> 64 channels, residual; converted unless backend is "torch")."""
     torch.manual_seed(0)
-    unit = fused_preact.FusedBNReLUConv2d(16, 16, 3, backend=backend)
-    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
-    g = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    if what == "unit":
+        module, c_in, c_out = fused_preact.FusedBNReLUConv2d(16, 16, 3, backend=backend), 16, 16
+    else:
+        module, c_in, c_out = fused_preact.reference.PreActBottleneck(64, 16), 64, 64
+        if backend != "torch":
+            module = fused_preact.convert(module, backend=backend)
+    x = torch.randn(2, c_in, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(2, c_out, 4, 4).contiguous(memory_format=torch.channels_last)
+    return module, x, g
+
+
+def step_us(backend: str, repeats: int, what: str = "unit") -> float:
+    """Median host time of one training step (forward + backward) in us."""
+    module, x, g = _model(backend, what)
 
     def step():
-        unit(x).backward(g)
+        module(x).backward(g)
 
     for _ in range(20):
         step()
@@ -63,20 +77,23 @@ def step_us(backend: str, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
+WHAT = ("unit", "block")
+
+
 def _skip_interpreted_launches():
     from triton.runtime.interpreter import InterpretedFunction
 
     InterpretedFunction.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
 
 
-def _null_driver_run(repeats: int) -> float:
-    """The Triton backend's step time in a child process on the null driver."""
+def _null_driver_run(repeats: int) -> list[float]:
+    """The Triton backend's step times (unit, block) in a child process on the null driver."""
     from fused_preact import null_driver
 
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), _NULL_DRIVER_CHILD, "--repeats",
                               str(repeats)], env=null_driver.build(tmp), check=True, capture_output=True, text=True)
-        return float(out.stdout.strip().splitlines()[-1])
+        return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
 
 
 def main():
@@ -90,15 +107,18 @@ def main():
         from fused_preact import null_driver
 
         null_driver.install()
-        print(step_us("triton", args.repeats))
+        print(*(step_us("triton", args.repeats, what) for what in WHAT))
         return
-    results = {b: step_us(b, args.repeats) for b in ("torch", "native")}
+    results = {b: [step_us(b, args.repeats, what) for what in WHAT] for b in ("torch", "native")}
     if not args.no_null_driver:
         results["triton (null driver)"] = _null_driver_run(args.repeats)
     _skip_interpreted_launches()
-    results["triton (kernels skipped)"] = step_us("triton", args.repeats)
-    for name, us in results.items():
-        print(f"{name:26s} {us:8.1f} us per training step (median of {args.repeats})")
+    results["triton (kernels skipped)"] = [step_us("triton", args.repeats, what) for what in WHAT]
+    print(f"host time per training step, us (median of {args.repeats}); unit: BN -> ReLU -> 3x3 conv 16 -> 16; "
+          "block: ResNet-164 bottleneck 64 -> 16 -> 16 -> 64")
+    print(f"{'':26s} {'unit':>8s} {'block':>8s}")
+    for name, (unit, block) in results.items():
+        print(f"{name:26s} {unit:8.1f} {block:8.1f}")
 
 
 if __name__ == "__main__":

@@ -125,10 +125,10 @@ def decline_reason(block: nn.Module, spec: BlockSpec) -> Optional[str]:
 
 
 # A block's output carries the batch statistics its last epilogue computed
-# (Triton), as (stats [2, C], the tensor's version counter): the next block
-# uses them instead of a statistics pass over its input, unless the tensor
-# was modified in place since (the version counter moved) or we are being
-# traced by torch.compile (tensor attributes do not trace).
+# (Triton), as (per-tile moments [2, T, C], the tensor's version counter):
+# the next block uses them instead of a statistics pass over its input,
+# unless the tensor was modified in place since (the version counter moved)
+# or we are being traced by torch.compile (tensor attributes do not trace).
 _MOMENTS_ATTR = "_fused_preact_moments"
 
 

@@ -142,8 +142,8 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
     """The BatchNorm in front of a unit on a fused backend: (state for
     ``fused_unit``, uses batch statistics). Running statistics are updated
     here, once, even when the state feeds two convs (unit 1 and a projection
-    shortcut share the pre-activation). ``batch``: x's [2, C] mean and biased
-    variance from the producer's epilogue (Triton), so x is not read again.
+    shortcut share the pre-activation). ``batch``: x's per-tile moments from
+    the producer's epilogue (Triton, ``fused_unit``), so x is not read again.
     ``sync``: synchronized BatchNorm over the default process group (see
     fused_preact.distributed)."""
     batch_stats = training or running_mean is None
@@ -210,9 +210,10 @@ def fused_unit(x: Tensor, conv_weight: Tensor, bn_state: object, bn_weight: Opti
                bn_bias: Optional[Tensor], batch_stats: bool, stride: int, padding: int, residual: Optional[Tensor],
                backend: str, emit_stats: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """One unit on a fused backend given its BN state from ``prepare_bn``:
-    (y, y's [2, K] mean and biased variance, or None). Only "triton" emits
-    the statistics (from the conv epilogue); elsewhere the next unit
-    computes them."""
+    (y, y's batch statistics, or None). Only "triton" emits them: per-tile
+    moments from the conv epilogue, [2, T, K], which the next unit's
+    ``prepare_bn`` takes as ``batch`` (``triton_launch.merge_moments`` turns
+    them into mean and variance); elsewhere the next unit computes them."""
     if backend == "triton":
         from . import triton_ops
 

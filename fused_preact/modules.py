@@ -45,8 +45,8 @@ def _running(bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], Optional[Tensor]]:
 def _unit(name: str, bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: str,
           residual: Optional[Tensor] = None, batch: Optional[Tensor] = None,
           emit_stats: bool = False, sync: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-    """One unit on a concrete backend: (y, y's [2, K] mean and biased
-    variance, or None). ``batch``: x's [2, C] batch statistics from the
+    """One unit on a concrete backend: (y, y's emitted batch statistics or
+    None; see ``functional.fused_unit``). ``batch``: x's, from the
     producer's epilogue, if any. ``sync``: synchronized BatchNorm."""
     running_mean, running_var = _running(bn)
     # Every check that can fail runs before _bn_momentum counts the batch.

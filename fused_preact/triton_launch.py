@@ -121,8 +121,10 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False) -> list[triton.Config]:
 
 
 # The forward/dgrad row block is fixed (not tuned) because the per-tile
-# statistics partials are laid out by it.
+# statistics partials are laid out by it: a forward's emitted moments hold
+# one (mean, M2) per STATS_ROWS rows of its output.
 ROWS_GPU, ROWS_INTERPRET = 128, 32
+STATS_ROWS = ROWS_INTERPRET if INTERPRET else ROWS_GPU
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,17 +277,28 @@ def merge_stats(mean_part: Tensor, m2_part: Tensor, count: int, rows_per_tile: i
          BLOCK_C=block_c, IS_FP64=mean.dtype == torch.float64)
 
 
+def merge_moments(parts: Tensor, count: int) -> Tensor:
+    """[2, C] mean and biased variance from a forward's emitted per-tile
+    moments [2, T, C] (``count`` rows in all, STATS_ROWS per tile)."""
+    stats = torch.empty((2, parts.shape[2]), device=parts.device, dtype=parts.dtype)
+    if count == 0:
+        return stats.fill_(float("nan"))
+    merge_stats(parts[0], parts[1], count, STATS_ROWS, stats[0], stats[1])
+    return stats
+
+
 def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
                running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
                eps: float, global_count: int = 0) -> Tensor:
     """[4, C] rows mean, invstd, scale, shift for the BatchNorm in front of a
     unit (nn.BatchNorm2d's rules: batch statistics when training or without
-    running statistics, which are then updated in place). ``batch_moments``:
-    x's [2, C] mean and biased variance when already known (emitted by the
-    producer's epilogue, or the global batch's under sync_bn, whose
-    ``global_count`` then gives the unbiased running variance); otherwise they
-    are computed from x. Two launches at most: the partial statistics of x
-    and one finalize."""
+    running statistics, which are then updated in place). ``batch_moments``,
+    when x's batch statistics are already known: the per-tile moments
+    [2, T, C] its producer's conv epilogue emitted (``conv_forward``), merged
+    here, or x's [2, C] mean and biased variance (the global batch's under
+    sync_bn, whose ``global_count`` then gives the unbiased running
+    variance); otherwise they are computed from x. Two launches at most: the
+    partial statistics of x and one finalize."""
     check_device(x)
     n, c, h, w = x.shape
     m = n * h * w
@@ -293,11 +306,17 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
     out = torch.empty((4, c), device=x.device, dtype=sdt)
     batch_stats = training or running_mean is None
     update = training and running_mean is not None
-    from_partials = batch_stats and batch_moments is None
+    emitted = batch_stats and batch_moments is not None and batch_moments.dim() == 3
+    if emitted and tuple(batch_moments.shape) != (2, _cdiv(m, STATS_ROWS), c):
+        raise RuntimeError(f"bn_prepare: emitted moments of shape {tuple(batch_moments.shape)} do not describe an "
+                           f"input of {m} rows and {c} channels (expected (2, {_cdiv(m, STATS_ROWS)}, {c}))")
+    from_partials = batch_stats and (batch_moments is None or emitted)
     count = global_count or m
     if batch_stats and count == 0:
         return out.fill_(float("nan"))
-    if from_partials:
+    if emitted:
+        mean_part, m2_part, rows = batch_moments[0], batch_moments[1], STATS_ROWS
+    elif from_partials:
         mean_part, m2_part, rows = _channel_partials(x)
     elif batch_stats:
         mean_part, m2_part, rows = batch_moments[0], batch_moments[1], 1
@@ -336,7 +355,9 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
                  emit_stats: bool) -> tuple[Tensor, Optional[Tensor]]:
     """y = conv2d(relu(x*scale + shift), weight) [+ residual] in x's memory
     format (scale, shift = rows 2, 3 of ``bn``; weight cast to x's dtype);
-    with ``emit_stats`` also y's [2, K] mean and biased variance per channel."""
+    with ``emit_stats`` also y's per-tile moments [2, T, K] (mean and M2 of
+    each STATS_ROWS-row tile of y, see ``merge_moments``), which the next
+    unit's ``bn_prepare`` merges in its finalize launch."""
     check_device(x)
     n, c, h, w = x.shape
     k_out, _, kh, kw = weight.shape
@@ -344,14 +365,10 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     m = n * oh * ow
     y = _like_layout((n, k_out, oh, ow), x)
     dot_dtype, precision, is_fp64 = _dot(x.dtype)
-    rows = ROWS_INTERPRET if INTERPRET else ROWS_GPU
+    rows = STATS_ROWS
     tiles = _cdiv(m, rows)
-    sdt = stats_dtype(x)
-    stats = torch.empty((2, k_out), device=x.device, dtype=sdt) if emit_stats else None
-    mean_part = m2_part = y
-    if emit_stats:
-        mean_part = torch.empty((tiles, k_out), device=x.device, dtype=sdt)
-        m2_part = torch.empty_like(mean_part)
+    stats = torch.empty((2, tiles, k_out), device=x.device, dtype=stats_dtype(x)) if emit_stats else None
+    mean_part, m2_part = (stats[0], stats[1]) if emit_stats else (y, y)
     if m > 0:
         w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype)  # packed [KH, KW, C, K]
         res = residual if residual is not None else y
@@ -363,10 +380,6 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
                      *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding, KH=kh, KW=kw,
                      HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
                      DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
-        if emit_stats:
-            merge_stats(mean_part, m2_part, m, rows, stats[0], stats[1])
-    elif emit_stats:
-        stats.fill_(float("nan"))
     return y, stats
 
 

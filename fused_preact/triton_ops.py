@@ -6,7 +6,9 @@
       running_mean?, running_var?, training, momentum, eps) -> [4, C]
       mean, invstd, scale, shift; updates the running statistics in place
   fused_preact::triton_bn_relu_conv2d(x, weight, bn, gamma?, beta?, training,
-      stride, padding, residual?, emit_stats) -> (y, [2, K] or empty)
+      stride, padding, residual?, emit_stats) -> (y, [2, T, K] or empty):
+      with emit_stats, y's per-tile moments (triton_launch.merge_moments),
+      which the next unit's triton_bn_prepare takes as batch_moments
   fused_preact::triton_bn_relu_conv2d_backward(...) -> (gx, gw, [2, C] grads)
 
 The unit saves only x, the weight and the [4, C] vectors; backward
@@ -76,7 +78,7 @@ def _unit_forward(x, weight, bn, bn_weight, bn_bias, training, stride, padding, 
 def bn_relu_conv2d(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    training: bool, stride: int, padding: int, residual: Optional[Tensor],
                    emit_stats: bool, global_count: int = 0) -> tuple[Tensor, Tensor]:
-    """(y, y's [2, K] mean and biased variance, or an empty tensor unless emit_stats)."""
+    """(y, y's per-tile moments [2, T, K], or an empty tensor unless emit_stats)."""
     return _unit_forward(x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats,
                          global_count)
 
@@ -85,7 +87,8 @@ def bn_relu_conv2d(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Te
 def _bn_relu_conv2d_fake(x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats,
                          global_count=0):
     y = x.new_empty(conv_output_shape(x, weight, stride, padding)).contiguous(memory_format=memory_format_of(x))
-    return y, bn.new_empty((2, weight.shape[0]) if emit_stats else (0,))
+    n, _, oh, ow = y.shape
+    return y, bn.new_empty((2, -(-n * oh * ow // L.STATS_ROWS), weight.shape[0]) if emit_stats else (0,))
 
 
 def _unit_backward(grad_y, x, weight, bn, training, stride, padding, need_input_grads, need_weight_grad,
