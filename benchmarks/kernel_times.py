@@ -12,7 +12,9 @@ durations is the time the GPU was busy with it ("device ms"). Compared side
 by side, it is the kernels' speed-up, next to the unit's memory/FLOP floor
 (measured copy bandwidth and bf16 matmul rate, as in ``fused_preact.bench``).
 Per unit and provider it writes: device ms per step, kernels per step,
-host-timed ms per step, and the heaviest kernels. Never asserts anything.
+host-timed ms per step, and the heaviest kernels; and what the Triton
+autotuner measured and chose per kernel and shape (among them the flat or
+unrolled reduction loop of the 3x3 kernels). Never asserts anything.
 
 On a CPU it runs as a smoke test (``--device cpu``: tiny batch, CPU ops'
 self time instead of kernels; Triton needs TRITON_INTERPRET=1).
@@ -67,6 +69,13 @@ def profile_unit(shape, provider: str, batch: int, device: str, dtype: torch.dty
             "host_ms": statistics.median(host), "top": [(name[:90], us / 1e3) for name, us in top]}
 
 
+def _autotuned() -> list:
+    """The Triton autotuner's measurements and choices in this process (the
+    flat vs unrolled reduction loop among them), if Triton was used."""
+    launch = sys.modules.get("fused_preact.triton_launch")
+    return list(launch.AUTOTUNED) if launch is not None else []
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,7 +114,7 @@ def main(argv=None) -> int:
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "dtype": str(dtype), "steps": args.steps, "ceilings": ceilings, "command": " ".join(sys.argv)}
     with open(os.path.join(args.out, "kernel_times.json"), "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
+        json.dump({"env": env, "rows": rows, "autotuned": _autotuned()}, f, indent=1, default=str)
     providers = args.providers.split(",")
     base = providers[0]
     lines = [f"# Device time per unit training step ({env['device']}, torch {env['torch']}, {env['dtype']})", "",
@@ -129,6 +138,13 @@ def main(argv=None) -> int:
         for p in providers:
             if "top" in row[p]:
                 lines.append(f"- {row['unit']} / {p}: " + "; ".join(f"{n} {ms:.3f}" for n, ms in row[p]["top"]))
+    tuned = _autotuned()
+    if tuned:
+        lines += ["", "## Autotuner choices (Triton)", ""]
+        for t in tuned:
+            times = "; ".join(f"{cfg} -> {ms if isinstance(ms, (int, float)) else ms}"
+                              for cfg, ms in t["timings_ms"].items())
+            lines.append(f"- {t['kernel']} {t['shape']}: **{t['best']}** (measured: {times})")
     errors = [f"- {row['unit']} / {p}: {row[p]['error']}" for row in rows for p in providers if "error" in row[p]]
     if errors:
         lines += ["", "## Errors", ""] + errors

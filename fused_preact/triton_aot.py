@@ -132,7 +132,7 @@ def _configs(kernel: str, all_configs: bool):
     seen, defaults = {}, set()
     for cols, red in itertools.product(counts, repeat=2):
         configs = (L._wgrad_configs(cols, red) if kernel == "conv_wgrad_kernel"
-                   else L._gemm_configs(L.ROWS_GPU, cols, red))
+                   else L._gemm_configs(L.ROWS_GPU, cols, red, taps=9))  # with the flat-loop configs
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
             seen.setdefault(key, cfg)
@@ -192,7 +192,7 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
     kernel, dtype, variant, constexprs, warps, stages, default, pointers = job
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     fn = getattr(K, kernel)
-    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP")))
+    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "FLAT")))
     rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}", default)
     t0 = time.time()
     try:

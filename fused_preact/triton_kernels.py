@@ -233,18 +233,36 @@ def _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sx
 
 
 @triton.jit
+def _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_tap, offs_c, offs_n, mask_n, C, sxc, swc, swk,
+             DOT_DTYPE: tl.constexpr, IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += relu(x*scale + shift)[rows, offs_c] @ W[tap][offs_c, offs_n]."""
+    a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64)
+    b = tl.load(w_tap + offs_c[:, None] * swc + offs_n[None, :] * swk,
+                mask=(offs_c < C)[:, None] & mask_n[None, :], other=0.0)
+    return tl.dot(a, b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_part_ptr, m2_part_ptr,
                     M, C, K, H, W, OH, OW,
                     sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw, swk, swc, swh, sww,
                     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                     HAS_RESIDUAL: tl.constexpr, EMIT_STATS: tl.constexpr, IS_FP64: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    FLAT: tl.constexpr):
     """Implicit-GEMM forward: rows = output pixels (M = N*OH*OW), columns =
     output channels (K), reduction = KH*KW taps x C input channels. The
     weight [K, C, KH, KW] is read through its strides (sw*): nn.Conv2d's own
     for 1x1, packed [KH, KW, C, K] by the launcher for larger kernels; in any
-    float dtype, cast to DOT_DTYPE as it is loaded (autocast's cast)."""
+    float dtype, cast to DOT_DTYPE as it is loaded (autocast's cast).
+
+    The reduction loop: taps unrolled, a loop over channel chunks in each
+    (FLAT off); or one loop over (tap, chunk) (FLAT on), which Triton's
+    pipeliner can prefetch across taps (num_stages). With C in one chunk
+    (ResNet-164's 16-64 channels) the unrolled form waits for each tap's
+    loads in turn; the flat one recomputes the tap's row offsets per chunk.
+    Both are autotuning candidates for KH*KW > 1."""
     pid_m, pid_n = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -256,20 +274,31 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        ih = oh * STRIDE - PAD + kh
-        for kw in tl.static_range(KW):
+    if FLAT:
+        chunks = tl.cdiv(C, BLOCK_K)
+        for it in range(0, KH * KW * chunks):
+            tap = it // chunks
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            w_tap = w_ptr + kh * swh + kw * sww
-            for c0 in range(0, C, BLOCK_K):
-                offs_c = c0 + tl.arange(0, BLOCK_K)
-                a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc,
-                                    DOT_DTYPE, IS_FP64)
-                b = tl.load(w_tap + offs_c[:, None] * swc + offs_n[None, :] * swk,
-                            mask=(offs_c < C)[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+            offs_c = (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            acc = _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww, offs_c,
+                           offs_n, mask_n, C, sxc, swc, swk, DOT_DTYPE, IS_FP64, INPUT_PRECISION)
+    else:
+        for kh in tl.static_range(KH):
+            ih = oh * STRIDE - PAD + kh
+            for kw in tl.static_range(KW):
+                iw = ow * STRIDE - PAD + kw
+                row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                w_tap = w_ptr + kh * swh + kw * sww
+                for c0 in range(0, C, BLOCK_K):
+                    acc = _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_tap,
+                                   c0 + tl.arange(0, BLOCK_K), offs_n, mask_n, C, sxc, swc, swk, DOT_DTYPE, IS_FP64,
+                                   INPUT_PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
     col = offs_n.to(tl.int64)[None, :]
@@ -290,19 +319,33 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
 
 
 @triton.jit
+def _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_tap, offs_k, offs_n, mask_n, K, sgc, swk, swc,
+               DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += gy[rows, offs_k] @ W[tap][offs_k, offs_n]."""
+    mask_k = offs_k < K
+    g = tl.load(gy_ptr + row_base[:, None] + offs_k.to(tl.int64)[None, :] * sgc,
+                mask=row_ok[:, None] & mask_k[None, :], other=0.0)
+    b = tl.load(w_tap + offs_k[:, None] * swk + offs_n[None, :] * swc, mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0)
+    return tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, gz_ptr,
                       sum_gz_ptr, sum_gz_xhat_ptr,
                       M, C, K, H, W, OH, OW,
                       sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swk, swc, swh, sww,
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      FLAT: tl.constexpr):
     """ga[n, h, w, c] = sum over taps and output channels of gy * W: rows =
     input pixels (M = N*H*W), columns = input channels C, reduction = taps x
     K. A tap reaches output pixel ((h + PAD - kh)/STRIDE, ...) when that is an
     integer in range. The weight [K, C, KH, KW] is read through its strides
     (nn.Conv2d's own for 1x1, packed [KH, KW, K, C] otherwise) and cast to
-    DOT_DTYPE as it is loaded.
+    DOT_DTYPE as it is loaded. FLAT: one loop over (tap, chunk of K), as in
+    conv_fwd_kernel.
     Epilogue: gz = ga * [x*scale + shift > 0] stored in x's layout, and
     per-tile sums of gz and gz*xhat for the gamma/beta gradients."""
     pid_m, pid_n = _grouped_pid(M, C, BLOCK_M, BLOCK_N, GROUP_M)
@@ -316,24 +359,36 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        th = h + PAD - kh
-        oh = th // STRIDE
-        h_ok = (th >= 0) & (th == oh * STRIDE) & (oh < OH)
-        for kw in tl.static_range(KW):
+    if FLAT:
+        chunks = tl.cdiv(K, BLOCK_K)
+        for it in range(0, KH * KW * chunks):
+            tap = it // chunks
+            kh = tap // KW
+            kw = tap - kh * KW
+            th = h + PAD - kh
+            oh = th // STRIDE
             tw = w + PAD - kw
             ow = tw // STRIDE
-            row_ok = mask_m & h_ok & (tw >= 0) & (tw == ow * STRIDE) & (ow < OW)
+            row_ok = (mask_m & (th >= 0) & (th == oh * STRIDE) & (oh < OH) & (tw >= 0) & (tw == ow * STRIDE)
+                      & (ow < OW))
             row_base = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-            w_tap = w_ptr + kh * swh + kw * sww
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                g = tl.load(gy_ptr + row_base[:, None] + offs_k.to(tl.int64)[None, :] * sgc,
-                            mask=row_ok[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(w_tap + offs_k[:, None] * swk + offs_n[None, :] * swc,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+            offs_k = (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            acc = _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww, offs_k, offs_n, mask_n, K,
+                             sgc, swk, swc, DOT_DTYPE, INPUT_PRECISION)
+    else:
+        for kh in tl.static_range(KH):
+            th = h + PAD - kh
+            oh = th // STRIDE
+            h_ok = (th >= 0) & (th == oh * STRIDE) & (oh < OH)
+            for kw in tl.static_range(KW):
+                tw = w + PAD - kw
+                ow = tw // STRIDE
+                row_ok = mask_m & h_ok & (tw >= 0) & (tw == ow * STRIDE) & (ow < OW)
+                row_base = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+                w_tap = w_ptr + kh * swh + kw * sww
+                for k0 in range(0, K, BLOCK_K):
+                    acc = _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_tap, k0 + tl.arange(0, BLOCK_K), offs_n,
+                                     mask_n, K, sgc, swk, swc, DOT_DTYPE, INPUT_PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
     x_offs = (n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] + offs_n.to(tl.int64)[None, :] * sxc

@@ -88,14 +88,19 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 # units, up to 128/64 for ResNet-v2-50's).
 
 
-def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False) -> list[triton.Config]:
+def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, taps: int = 1,
+                  flat: Optional[bool] = None) -> list[triton.Config]:
     """Forward/dgrad: the tile spans the output channels (up to 128); eight
     warps for wide tiles, where the transformed A tile and the accumulator
     would otherwise exceed the register file (measured with triton_aot).
+    With several taps each config also comes with the flat reduction loop
+    (FLAT, see conv_fwd_kernel), after the unrolled one, so the autotuner
+    measures both and FUSED_PREACT_TRITON_AUTOTUNE=0 keeps the unrolled one;
+    ``flat`` True/False keeps only that loop form (FLAT_LOOP).
     fp64 (no tensor cores; for checks) gets narrow tiles that fit shared memory."""
     if fp64:
         return [triton.Config({"BLOCK_M": rows_block, "BLOCK_N": _pow2(n_cols, 16, 32), "BLOCK_K": 16,
-                               "GROUP_M": 8}, num_warps=4, num_stages=2)]
+                               "GROUP_M": 8, "FLAT": False}, num_warps=4, num_stages=2)]
     bn = _pow2(n_cols, 16, 128)
     configs = []
     for bk, stages in ((_pow2(n_red, 16, 64), 3), (_pow2(n_red, 16, 32), 4)):
@@ -105,8 +110,13 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False) 
         # triton_aot); eight do not.
         warps = 8 if bn + bk >= 80 else 4
         if bk not in [c.kwargs["BLOCK_K"] for c in configs]:
-            configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                         num_warps=warps, num_stages=stages))
+            configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                                          "FLAT": False}, num_warps=warps, num_stages=stages))
+    if taps > 1:
+        configs += [triton.Config({**c.kwargs, "FLAT": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+                    for c in configs]
+        if flat is not None:
+            configs = [c for c in configs if c.kwargs["FLAT"] == flat]
     return configs[:1] if not AUTOTUNE else configs
 
 
@@ -125,6 +135,10 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False) -> list[triton.Config]:
 # one (mean, M2) per STATS_ROWS rows of its output.
 ROWS_GPU, ROWS_INTERPRET = 128, 32
 STATS_ROWS = ROWS_INTERPRET if INTERPRET else ROWS_GPU
+# The reduction loop form of the forward/dgrad kernels with several taps:
+# None = autotuned (GPU; the unrolled form without autotuning and under the
+# interpreter), True/False = only the flat/unrolled one (the tests run both).
+FLAT_LOOP: Optional[bool] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,6 +170,8 @@ def _tuned(kernel_name: str, config_key: tuple) -> object:
 # FUSED_PREACT_TRITON_FAST_LAUNCH=0 sends every launch through Triton.
 
 FAST_LAUNCH = os.environ.get("FUSED_PREACT_TRITON_FAST_LAUNCH", "1") != "0"
+# What the autotuner measured and chose, per kernel and shape (benchmarks/kernel_times.py reports it).
+AUTOTUNED: list = []
 _COMPILED: dict = {}
 _COMPILED_MAX = 4096
 
@@ -202,9 +218,15 @@ def _launch(kernel_name: str, grid, args: tuple, kwargs: dict, config_key: Optio
     configs = _configs_for(config_key) if config_key is not None else ()
     if len(configs) > 1:
         tuner = _tuned(kernel_name, config_key)
+        timings_before = getattr(tuner, "configs_timings", None)
         compiled = tuner[grid](*args, **kwargs)
         best = getattr(tuner, "best_config", None)
         meta = {**kwargs, **best.kwargs} if best is not None else None
+        timings = getattr(tuner, "configs_timings", None)
+        if best is not None and timings is not None and timings is not timings_before:
+            shape = dict(zip(("M", "C", "K", "H", "W", "OH", "OW"), args[_pointer_count(kernel_name):]))
+            AUTOTUNED.append({"kernel": kernel_name, "shape": shape, "best": str(best),
+                              "timings_ms": {str(cfg): t for cfg, t in timings.items()}})
     elif configs:
         cfg = configs[0]
         meta = {**kwargs, **cfg.kwargs}
@@ -373,9 +395,9 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
         w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype)  # packed [KH, KW, C, K]
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
-        _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64),
+        _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP),
                      {"BLOCK_M": rows, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 16),
-                      "GROUP_M": 4},
+                      "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1},
                      x, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
                      *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding, KH=kh, KW=kw,
                      HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
@@ -414,9 +436,9 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         if m > 0:
             w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype)  # packed [KH, KW, K, C]
             grid = lambda meta: (tiles * _cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
-            _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64),
+            _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, kh * kw, FLAT_LOOP),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
-                          "GROUP_M": 4},
+                          "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1},
                          grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
                          m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,

@@ -99,6 +99,20 @@ def test_unit_matches_reference_float32(ksize, stride, layout):
     _compare(inp, True, stride, pad, torch.float32)
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "unrolled"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6, 6), (1, 40, 5, 5, 36)], ids=["one-chunk", "chunks"])
+def test_both_reduction_loops_match_reference(monkeypatch, shape, stride, flat):
+    """The forward/dgrad kernels' two loop forms for 3x3 (taps unrolled, or
+    one flat loop over taps x channel chunks; the autotuner picks on a GPU),
+    each forced, with channels in one chunk and in several (40 and 36 > the
+    interpreter's BLOCK_K of 16)."""
+    monkeypatch.setattr(triton_launch, "FLAT_LOOP", flat)
+    n, c, h, w, k = shape
+    inp, pad = _inputs(n, c, h, w, k, 3, stride, REF_DTYPE, "channels_last", True)
+    _compare(inp, True, stride, pad, REF_DTYPE)
+
+
 @pytest.mark.parametrize("ksize, stride", [(3, 1), (1, 2)])
 def test_repeated_calls_agree(ksize, stride):
     """The same unit three times on the same inputs gives the same bits. On a
