@@ -68,8 +68,10 @@ def _strides(t: Tensor) -> tuple[int, int, int, int]:
 
 
 def _like_layout(shape: tuple[int, ...], x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An empty tensor of ``shape`` in x's memory format (channels_last or contiguous)."""
-    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype).contiguous(memory_format=_format_of(x))
+    """An empty tensor of ``shape`` in x's memory format (channels_last or
+    contiguous), allocated in it: ``.contiguous(memory_format=...)`` on a fresh
+    tensor would copy it, a kernel launch and a pass over the output."""
+    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype, memory_format=_format_of(x))
 
 
 def _cdiv(a: int, b: int) -> int:
