@@ -63,7 +63,7 @@ def _specialize(fn, dtype: str, constexprs: dict, pointer_dtypes: Optional[dict]
     data_ptrs = {"x_ptr", "w_ptr", "res_ptr", "y_ptr", "gy_ptr", "gz_ptr", "gx_ptr"}
     channel_strides = {"sxc", "syc", "src", "sgc"}
     divisible = {"C", "K", "sxn", "sxh", "sxw", "syn", "syh", "syw", "srn", "srh", "srw", "sgn", "sgh", "sgw",
-                 "swk", "swc", "swh", "sww"}
+                 "swk", "swc", "swh", "sww", "sps", "spk", "spc", "sph"}
     sig, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(fn.arg_names):
         if name in channel_strides:
@@ -115,6 +115,8 @@ def _variants(kernel: str, dtype: str):
                 weight, pointers = {"swc": 1, "swh": 1, "sww": 1}, {"w_ptr": "fp64" if dtype == "fp64" else "fp32"}
             else:
                 weight = {"swk": 1} if kernel == "conv_fwd_kernel" else {"swc": 1}
+        elif kernel == "conv_wgrad_kernel":  # the gradient of a contiguous weight
+            weight = {"spc": 1, "sph": 1, "spw": 1} if k == 1 else {"spw": 1}
         if kernel == "conv_fwd_kernel":
             for res, emit in itertools.product((False, True), repeat=2):
                 yield (f"{k}x{k}/s{s}{'+res' if res else ''}{'+stats' if emit else ''}",

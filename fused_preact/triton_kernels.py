@@ -436,14 +436,16 @@ def bn_grad_input_kernel(gz_ptr, x_ptr, gx_ptr, scale_ptr, k1_ptr, k0_ptr, M, C,
 @triton.jit
 def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                       M, C, K, H, W, OH, OW, SPLIT,
-                      sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+                      sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sps, spk, spc, sph, spw,
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Split-K weight gradient: program (tap, K tile, C tile, split) computes
     gy[rows, K]^T a[rows, C] over its share of the M = N*OH*OW output pixels,
     with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
-    and writes it to partials [SPLIT, K, C, KH, KW]; the launcher sums splits.
+    and writes it to partials [SPLIT, K, C, KH, KW] through their strides
+    (sp*: each split in the weight's own layout, contiguous or channels_last,
+    so the gradient needs no layout copy); the launcher sums splits.
     Here BLOCK_M is the reduction step, BLOCK_N tiles K, BLOCK_K tiles C."""
     pid_tap = tl.program_id(0)
     pid_kc = tl.program_id(1)
@@ -474,8 +476,5 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
         row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64)
         acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION)
-    # Partials [SPLIT, K, C, KH, KW]: their sum over splits is the weight
-    # gradient in nn.Conv2d's own layout.
-    rows = (pid_s * K + offs_k.to(tl.int64)) * C
-    out = part_ptr + (rows[:, None] + offs_c[None, :]) * (KH * KW) + pid_tap
+    out = part_ptr + pid_s * sps + offs_k[:, None] * spk + offs_c[None, :] * spc + kh * sph + kw * spw
     tl.store(out, acc, mask=mask_k[:, None] & (offs_c < C)[None, :])

@@ -141,6 +141,9 @@ STATS_ROWS = ROWS_INTERPRET if INTERPRET else ROWS_GPU
 # None = autotuned (GPU; the unrolled form without autotuning and under the
 # interpreter), True/False = only the flat/unrolled one (the tests run both).
 FLAT_LOOP: Optional[bool] = None
+# Splits of the weight-gradient reduction over rows: None = enough programs
+# to fill a GPU (one under the interpreter); a number forces it (tests).
+WGRAD_SPLIT: Optional[int] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -468,23 +471,29 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         m = n * oh * ow
         tiles = kh * kw * _cdiv(k_out, _pow2(k_out, 16, 128)) * _cdiv(c, _pow2(c, 16, 64))
         # Enough programs to fill a GPU (~132 SMs x 2) without tiny splits.
-        split = 1 if INTERPRET else max(1, min(_cdiv(m, 512), _cdiv(264, max(tiles, 1))))
-        part = torch.empty((split, k_out, c, kh, kw), device=x.device, dtype=sdt)
+        split = WGRAD_SPLIT or (1 if INTERPRET else max(1, min(_cdiv(m, 512), _cdiv(264, max(tiles, 1)))))
+        # The gradient in the weight's own layout (channels_last after
+        # model.to(memory_format=channels_last)): the kernel writes each split
+        # through these strides, so no layout copy follows.
+        w_strides = weight.stride() if _format_of(weight) == torch.channels_last else None
+        grad_w = torch.empty(weight.shape, device=x.device, dtype=sdt,
+                             memory_format=torch.channels_last if w_strides else torch.contiguous_format)
+        part = grad_w.unsqueeze(0) if split == 1 else torch.empty_strided(
+            (split, *weight.shape), (weight.numel(), *grad_w.stride()), device=x.device, dtype=sdt)
         if m > 0:
             grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
                                  split)
             _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
                          x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
-                         *_strides(x), *_strides(grad_y), STRIDE=stride, PAD=padding, KH=kh, KW=kw,
-                         IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
+                         *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
+                         KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
+            if split > 1:
+                torch.sum(part, 0, out=grad_w)
         else:
-            part.zero_()
-        grad_w = part[0] if split == 1 else part.sum(0)
+            grad_w.zero_()
         if grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
-        if _format_of(weight) != torch.contiguous_format:
-            grad_w = grad_w.contiguous(memory_format=_format_of(weight))
     return grad_x, grad_w, bn_grads
 
 

@@ -141,6 +141,23 @@ def test_edge_shapes(shape, ksize, stride):
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
+@pytest.mark.parametrize("split", [None, 3], ids=["auto-split", "split3"])
+@pytest.mark.parametrize("weight_format", LAYOUTS)
+@pytest.mark.parametrize("ksize", [3, 1])
+def test_weight_gradient_in_the_weights_layout(monkeypatch, ksize, weight_format, split):
+    """After model.to(memory_format=channels_last) the conv weights are
+    channels_last: the weight gradient comes out in the weight's layout (the
+    wgrad kernel writes each split through its strides; no copy) and matches
+    the reference, with the rows reduced in one split or in three (summed by
+    the launcher; on a GPU the split count follows the shape)."""
+    monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", split)
+    inp, pad = _inputs(2, 6, 7, 7, 5, ksize, 1, REF_DTYPE, "channels_last", False)
+    inp["weight"] = inp["weight"].contiguous(memory_format=LAYOUTS[weight_format])
+    _compare(inp, True, 1, pad, REF_DTYPE)
+    _, g, *_ = _run("triton", inp, True, 1, pad)
+    assert g["weight"].stride() == inp["weight"].stride()
+
+
 def test_padding_reads_zero_after_activation():
     """beta >> 0 makes relu(shift) large: a kernel that activated the padded
     zeros would put it on every border pixel."""
