@@ -145,21 +145,25 @@ def _configs(kernel: str, all_configs: bool):
 
 
 def _small_kernels(dtype: str):
-    """The reductions and the elementwise kernel, at their launch configs."""
+    """The reductions and the elementwise kernel, at their launch configs
+    (the per-channel merges at triton_launch.MERGE_T x MERGE_C)."""
+    from . import triton_launch as L
+
     fp64 = dtype == "fp64"
+    merge = {"BLOCK_T": L.MERGE_T, "BLOCK_C": L.MERGE_C}
     for bc in (16, 32, 64):
         yield "channel_stats_partial_kernel", "", {"BLOCK_M": 256, "BLOCK_C": bc, "IS_FP64": fp64}, 4
-        yield "merge_stats_kernel", "", {"BLOCK_T": 64, "BLOCK_C": bc, "IS_FP64": fp64}, 4
         for training in (False, True):
             yield ("bn_grad_input_kernel", "train" if training else "eval",
                    {"TRAINING": training, "IS_FP64": fp64, "BLOCK_M": 128, "BLOCK_C": bc}, 4)
-            yield ("bn_backward_finalize_kernel", "train" if training else "eval",
-                   {"TRAINING": training, "BLOCK_T": 64, "BLOCK_C": bc}, 4)
-        for partials, batch, update in ((True, True, True), (False, True, True), (False, False, False)):
-            yield ("bn_finalize_kernel", f"{'partials' if partials else 'moments'}"
-                   f"{'' if batch else ',eval'}{',update' if update else ''}",
-                   {"FROM_PARTIALS": partials, "BATCH_STATS": batch, "UPDATE_RUNNING": update, "HAS_GAMMA": True,
-                    "HAS_BETA": True, "BLOCK_T": 64, "BLOCK_C": bc, "IS_FP64": fp64}, 4)
+    yield "merge_stats_kernel", "", {**merge, "IS_FP64": fp64}, 4
+    for training in (False, True):
+        yield "bn_backward_finalize_kernel", "train" if training else "eval", {"TRAINING": training, **merge}, 4
+    for partials, batch, update in ((True, True, True), (False, True, True), (False, False, False)):
+        yield ("bn_finalize_kernel", f"{'partials' if partials else 'moments'}"
+               f"{'' if batch else ',eval'}{',update' if update else ''}",
+               {"FROM_PARTIALS": partials, "BATCH_STATS": batch, "UPDATE_RUNNING": update, "HAS_GAMMA": True,
+                "HAS_BETA": True, **merge, "IS_FP64": fp64}, 4)
 
 
 def _jobs(dtypes, all_configs: bool) -> list[tuple]:

@@ -141,6 +141,12 @@ STATS_ROWS = ROWS_INTERPRET if INTERPRET else ROWS_GPU
 # None = autotuned (GPU; the unrolled form without autotuning and under the
 # interpreter), True/False = only the flat/unrolled one (the tests run both).
 FLAT_LOOP: Optional[bool] = None
+# Per-channel reductions over per-tile partials (merge_stats, bn_finalize,
+# bn_backward_finalize): one program per MERGE_C channels walks the tiles
+# MERGE_T at a time, a chain of dependent loads, so few and wide steps:
+# ResNet-164's first stage at batch 128 has 1024 tiles of 128 rows, 4 steps
+# of 256 (16 of 64 before) and 4 programs for its 64 channels (1 before).
+MERGE_T, MERGE_C = (32, 64) if INTERPRET else (256, 16)
 # Splits of the weight-gradient reduction over rows: None = enough programs
 # to fill a GPU (one under the interpreter); a number forces it (tests).
 WGRAD_SPLIT: Optional[int] = None
@@ -298,9 +304,9 @@ def channel_stats(x: Tensor) -> Tensor:
 def merge_stats(mean_part: Tensor, m2_part: Tensor, count: int, rows_per_tile: int, mean: Tensor,
                 var: Tensor) -> None:
     tiles, c = mean_part.shape
-    block_c = _pow2(c, 16, 64)
+    block_c = _pow2(c, 16, MERGE_C)
     _run("merge_stats_kernel", (_cdiv(c, block_c),),
-         mean_part, m2_part, mean, var, count, c, tiles, rows_per_tile, BLOCK_T=32 if INTERPRET else 64,
+         mean_part, m2_part, mean, var, count, c, tiles, rows_per_tile, BLOCK_T=MERGE_T,
          BLOCK_C=block_c, IS_FP64=mean.dtype == torch.float64)
 
 
@@ -350,14 +356,14 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
     else:
         mean_part = m2_part = out
         rows = 1
-    block_c = _pow2(c, 16, 64)
+    block_c = _pow2(c, 16, MERGE_C)
     _run("bn_finalize_kernel", (_cdiv(c, block_c),),
          mean_part, m2_part, gamma if gamma is not None else out, beta if beta is not None else out,
          running_mean if running_mean is not None else out, running_var if running_var is not None else out,
          out, m, c, mean_part.shape[0] if from_partials else 1, rows, float(momentum), float(eps),
          count / (count - 1) if count > 1 else 1.0, FROM_PARTIALS=from_partials, BATCH_STATS=batch_stats,
          UPDATE_RUNNING=update, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-         BLOCK_T=32 if INTERPRET else 64, BLOCK_C=block_c, IS_FP64=sdt == torch.float64)
+         BLOCK_T=MERGE_T, BLOCK_C=block_c, IS_FP64=sdt == torch.float64)
     return out
 
 
@@ -448,11 +454,11 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
                          INPUT_PRECISION=precision)
-            block_c = _pow2(c, 16, 64)
+            merge_c = _pow2(c, 16, MERGE_C)
             sync = bool(global_count) and training
-            _run("bn_backward_finalize_kernel", (_cdiv(c, block_c),),
+            _run("bn_backward_finalize_kernel", (_cdiv(c, merge_c),),
                  part_gz, part_gz_xhat, bn, out, m, c, tiles, TRAINING=training and not sync,
-                 BLOCK_T=32 if INTERPRET else 64, BLOCK_C=block_c)
+                 BLOCK_T=MERGE_T, BLOCK_C=merge_c)
             if sync:
                 # sync_bn: the two sums over every process, the global count
                 # (nn.SyncBatchNorm's backward); gamma/beta grads stay local.
@@ -460,7 +466,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
 
                 g_gamma, g_beta = distributed.all_reduce_sum(out[0], out[1])
                 out[2], out[3] = distributed.backward_constants(g_gamma, g_beta, bn[0], bn[1], bn[2], global_count)
-            block_m = 64 if INTERPRET else 128
+            block_m, block_c = 64 if INTERPRET else 128, _pow2(c, 16, 64)
             _run("bn_grad_input_kernel", (_cdiv(m, block_m), _cdiv(c, block_c)),
                  gz, x, gz, bn[2], out[2], out[3], m, c, h * w, w, *_strides(x), TRAINING=training,
                  IS_FP64=is_fp64, BLOCK_M=block_m, BLOCK_C=block_c)

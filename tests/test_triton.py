@@ -113,6 +113,25 @@ def test_both_reduction_loops_match_reference(monkeypatch, shape, stride, flat):
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs these block sizes in every test")
+def test_gpu_merge_blocks_under_the_interpreter(monkeypatch):
+    """The per-channel merges (statistics, finalize, backward finalize) with
+    the GPU's block sizes (MERGE_T x MERGE_C = 256 x 16) and more than 256
+    tiles, so the walk over tiles takes several steps: 9248 rows are 290
+    tiles of the interpreter's 32-row conv tiles."""
+    monkeypatch.setattr(triton_launch, "MERGE_T", 256)
+    monkeypatch.setattr(triton_launch, "MERGE_C", 16)
+    inp, pad = _inputs(2, 20, 68, 68, 18, 1, 1, REF_DTYPE, "channels_last", True)
+    _compare(inp, True, 1, pad, REF_DTYPE)
+    bn = triton_ops.bn_prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+    y, parts = triton_ops.bn_relu_conv2d(inp["x"], inp["weight"], bn, inp["gamma"], inp["beta"], True, 1, pad,
+                                         inp["residual"], True)
+    assert parts.shape[1] > 256
+    mean, var = triton_launch.merge_moments(parts, y.numel() // y.shape[1])
+    torch.testing.assert_close(mean, y.mean((0, 2, 3)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(var, y.var((0, 2, 3), unbiased=False), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("ksize, stride", [(3, 1), (1, 2)])
 def test_repeated_calls_agree(ksize, stride):
     """The same unit three times on the same inputs gives the same bits. On a
