@@ -134,7 +134,7 @@ def _configs(kernel: str, all_configs: bool):
     seen, defaults = {}, set()
     for cols, red in itertools.product(counts, repeat=2):
         configs = (L._wgrad_configs(cols, red) if kernel == "conv_wgrad_kernel"
-                   else L._gemm_configs(L.ROWS_GPU, cols, red, taps=9))  # with the flat-loop configs
+                   else L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True))  # every candidate
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
             seen.setdefault(key, cfg)

@@ -91,14 +91,18 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, taps: int = 1,
-                  flat: Optional[bool] = None) -> list[triton.Config]:
+                  flat: Optional[bool] = None, small_grid: bool = False) -> list[triton.Config]:
     """Forward/dgrad: the tile spans the output channels (up to 128); eight
     warps for wide tiles, where the transformed A tile and the accumulator
     would otherwise exceed the register file (measured with triton_aot).
     With several taps each config also comes with the flat reduction loop
     (FLAT, see conv_fwd_kernel), after the unrolled one, so the autotuner
     measures both and FUSED_PREACT_TRITON_AUTOTUNE=0 keeps the unrolled one;
-    ``flat`` True/False keeps only that loop form (FLAT_LOOP).
+    ``flat`` True/False keeps only that loop form (FLAT_LOOP). ``small_grid``
+    (the full-width tiles would not give every SM two programs, as in the
+    deep stages: ResNet-164's third stage at batch 128 makes 64 programs of
+    128 x 64) adds half-width tiles (BLOCK_N / 2: twice the programs, each
+    activation tile loaded by two of them) as candidates.
     fp64 (no tensor cores; for checks) gets narrow tiles that fit shared memory."""
     if fp64:
         return [triton.Config({"BLOCK_M": rows_block, "BLOCK_N": _pow2(n_cols, 16, 32), "BLOCK_K": 16,
@@ -114,12 +118,25 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         if bk not in [c.kwargs["BLOCK_K"] for c in configs]:
             configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                                           "FLAT": False}, num_warps=warps, num_stages=stages))
+    if small_grid and bn >= 32:
+        half, bk = bn // 2, configs[0].kwargs["BLOCK_K"]
+        configs.append(triton.Config({**configs[0].kwargs, "BLOCK_N": half},
+                                     num_warps=8 if half + bk >= 80 else 4, num_stages=configs[0].num_stages))
     if taps > 1:
         configs += [triton.Config({**c.kwargs, "FLAT": True}, num_warps=c.num_warps, num_stages=c.num_stages)
                     for c in configs]
         if flat is not None:
             configs = [c for c in configs if c.kwargs["FLAT"] == flat]
     return configs[:1] if not AUTOTUNE else configs
+
+
+# Programs that keep a GPU busy: two per SM of an H100/H200 (132 SMs).
+FILL_PROGRAMS = 264
+
+
+def _small_grid(row_tiles: int, cols: int) -> bool:
+    """Whether full-width tiles (up to 128 columns) leave the GPU short of programs."""
+    return row_tiles * _cdiv(cols, _pow2(cols, 16, 128)) < FILL_PROGRAMS
 
 
 def _wgrad_configs(k: int, c: int, fp64: bool = False) -> list[triton.Config]:
@@ -406,7 +423,8 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
         w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype)  # packed [KH, KW, C, K]
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
-        _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP),
+        _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
+                                               _small_grid(tiles, k_out)),
                      {"BLOCK_M": rows, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 16),
                       "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1},
                      x, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
@@ -447,7 +465,8 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         if m > 0:
             w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype)  # packed [KH, KW, K, C]
             grid = lambda meta: (tiles * _cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
-            _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, kh * kw, FLAT_LOOP),
+            _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, kh * kw, FLAT_LOOP,
+                                                     _small_grid(tiles, c)),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
                           "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1},
                          grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
@@ -476,8 +495,8 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
     if need_weight_grad:
         m = n * oh * ow
         tiles = kh * kw * _cdiv(k_out, _pow2(k_out, 16, 128)) * _cdiv(c, _pow2(c, 16, 64))
-        # Enough programs to fill a GPU (~132 SMs x 2) without tiny splits.
-        split = WGRAD_SPLIT or (1 if INTERPRET else max(1, min(_cdiv(m, 512), _cdiv(264, max(tiles, 1)))))
+        # Enough programs to fill a GPU without tiny splits.
+        split = WGRAD_SPLIT or (1 if INTERPRET else max(1, min(_cdiv(m, 512), _cdiv(FILL_PROGRAMS, max(tiles, 1)))))
         # The gradient in the weight's own layout (channels_last after
         # model.to(memory_format=channels_last)): the kernel writes each split
         # through these strides, so no layout copy follows.
