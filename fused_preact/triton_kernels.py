@@ -233,6 +233,15 @@ def _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sx
 
 
 @triton.jit
+def _flat_tap(it, chunks, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Iteration ``it`` of a flat reduction loop over taps x chunks of
+    BLOCK_K channels: (kh, kw, the chunk's channel offsets)."""
+    tap = it // chunks
+    kh = tap // KW
+    return kh, tap - kh * KW, (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+
+
+@triton.jit
 def _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_tap, offs_c, offs_n, mask_n, C, sxc, swc, swk,
              DOT_DTYPE: tl.constexpr, IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc += relu(x*scale + shift)[rows, offs_c] @ W[tap][offs_c, offs_n]."""
@@ -277,14 +286,11 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
     if FLAT:
         chunks = tl.cdiv(C, BLOCK_K)
         for it in range(0, KH * KW * chunks):
-            tap = it // chunks
-            kh = tap // KW
-            kw = tap - kh * KW
+            kh, kw, offs_c = _flat_tap(it, chunks, KW, BLOCK_K)
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            offs_c = (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             acc = _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww, offs_c,
                            offs_n, mask_n, C, sxc, swc, swk, DOT_DTYPE, IS_FP64, INPUT_PRECISION)
     else:
@@ -362,9 +368,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     if FLAT:
         chunks = tl.cdiv(K, BLOCK_K)
         for it in range(0, KH * KW * chunks):
-            tap = it // chunks
-            kh = tap // KW
-            kw = tap - kh * KW
+            kh, kw, offs_k = _flat_tap(it, chunks, KW, BLOCK_K)
             th = h + PAD - kh
             oh = th // STRIDE
             tw = w + PAD - kw
@@ -372,7 +376,6 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
             row_ok = (mask_m & (th >= 0) & (th == oh * STRIDE) & (oh < OH) & (tw >= 0) & (tw == ow * STRIDE)
                       & (ow < OW))
             row_base = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-            offs_k = (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             acc = _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww, offs_k, offs_n, mask_n, K,
                              sgc, swk, swc, DOT_DTYPE, INPUT_PRECISION)
     else:
