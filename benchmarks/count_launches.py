@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
-import fused_preact  # noqa: E402
+import host_overhead  # noqa: E402  (benchmarks/: the models both scripts time)
 
 _NO_KERNEL = {"view", "_unsafe_view", "as_strided", "permute", "t", "transpose", "expand", "select", "slice",
               "unsqueeze", "squeeze", "detach", "alias", "empty", "empty_like", "new_empty", "empty_strided",
@@ -47,23 +47,10 @@ def _kernel_ops(prof) -> "collections.Counter[str]":
     return counts
 
 
-def _model(backend: str, what: str):
-    """A unit (BN -> ReLU -> 3x3 or 1x1 conv, 16 -> 16 channels) or a CIFAR
-    ResNet-164 bottleneck block (64 -> 16 -> 16 -> 64, residual), and its input."""
-    if what == "block":
-        model = fused_preact.reference.PreActBottleneck(64, 16)
-        if backend != "torch":
-            model = fused_preact.convert(model, backend=backend)
-        return model, torch.randn(2, 64, 6, 6)
-    return fused_preact.FusedBNReLUConv2d(16, 16, int(what[0]), backend=backend), torch.randn(2, 16, 6, 6)
-
-
 def count(backend: str, what: str = "3x3"):
     from fused_preact import triton_launch
 
-    torch.manual_seed(0)
-    model, x = _model(backend, what)
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    model, x = host_overhead.model(backend, what, size=6)
     model(x).sum().backward()  # warm-up (autotuning, lazy imports)
     before = triton_launch.LAUNCHES.copy()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

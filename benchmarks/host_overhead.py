@@ -1,8 +1,9 @@
-"""Host time of one training step (forward + backward) of a fused unit (BN ->
-ReLU -> 3x3 conv) and of a converted ResNet-164 bottleneck block, with the
-kernels themselves taken out, tiny tensors, one CPU thread: what is left is Python, autograd and launching -- the part that
-made every fused unit host-bound on the H200 (benchmarks/RESULTS.md). A CPU
-measurement; it needs no GPU.
+"""Host time of one training step (forward + backward) of a fused unit (BN
+-> ReLU -> 3x3 conv) and of a converted ResNet-164 bottleneck block, with
+the kernels themselves taken out, tiny tensors, one CPU thread: what is
+left is Python, autograd and launching -- the part that made every fused
+unit host-bound on the H200 (benchmarks/RESULTS.md). A CPU measurement; it
+needs no GPU.
 
     python benchmarks/host_overhead.py [--repeats 300] [--no-null-driver]
 
@@ -44,25 +45,28 @@ sys.path.insert(0, os.path.dirname(HERE))
 import fused_preact  # noqa: E402
 
 
-def _model(backend: str, what: str):
-    """(module, input, output gradient): one unit (BN -> ReLU -> 3x3 conv,
-    16 -> 16 channels), or a CIFAR ResNet-164 bottleneck block (64 -> 16 -> 16
-    -> 64 channels, residual; converted unless backend is "torch")."""
+def model(backend: str, what: str, size: int = 4):
+    """(module, channels_last input that requires grad) for ``what``: "3x3"
+    or "1x1", one unit (BN -> ReLU -> conv, 16 -> 16 channels); "block", a
+    CIFAR ResNet-164 bottleneck block (64 -> 16 -> 16 -> 64 channels,
+    residual; converted unless backend is "torch"). Either keeps its input's
+    shape. Also used by count_launches.py."""
     torch.manual_seed(0)
-    if what == "unit":
-        module, c_in, c_out = fused_preact.FusedBNReLUConv2d(16, 16, 3, backend=backend), 16, 16
-    else:
-        module, c_in, c_out = fused_preact.reference.PreActBottleneck(64, 16), 64, 64
+    if what == "block":
+        module = fused_preact.reference.PreActBottleneck(64, 16)
         if backend != "torch":
             module = fused_preact.convert(module, backend=backend)
-    x = torch.randn(2, c_in, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
-    g = torch.randn(2, c_out, 4, 4).contiguous(memory_format=torch.channels_last)
-    return module, x, g
+        channels = 64
+    else:
+        module, channels = fused_preact.FusedBNReLUConv2d(16, 16, int(what[0]), backend=backend), 16
+    x = torch.randn(2, channels, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    return module, x
 
 
-def step_us(backend: str, repeats: int, what: str = "unit") -> float:
+def step_us(backend: str, repeats: int, what: str = "3x3") -> float:
     """Median host time of one training step (forward + backward) in us."""
-    module, x, g = _model(backend, what)
+    module, x = model(backend, what)
+    g = torch.randn_like(x).detach()  # the output has the input's shape
 
     def step():
         module(x).backward(g)
@@ -77,7 +81,7 @@ def step_us(backend: str, repeats: int, what: str = "unit") -> float:
     return statistics.median(times) * 1e6
 
 
-WHAT = ("unit", "block")
+WHAT = ("3x3", "block")
 
 
 def _skip_interpreted_launches():

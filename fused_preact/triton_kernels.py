@@ -448,7 +448,8 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
     and writes it to partials [SPLIT, K, C, KH, KW] through their strides
     (sp*: each split in the weight's own layout, contiguous or channels_last,
-    so the gradient needs no layout copy); the launcher sums splits.
+    so the gradient needs no layout copy; with one split, the gradient itself
+    in the weight's dtype); the launcher sums splits.
     Here BLOCK_M is the reduction step, BLOCK_N tiles K, BLOCK_K tiles C."""
     pid_tap = tl.program_id(0)
     pid_kc = tl.program_id(1)
@@ -480,4 +481,4 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
         a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64)
         acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION)
     out = part_ptr + pid_s * sps + offs_k[:, None] * spk + offs_c[None, :] * spc + kh * sph + kw * spw
-    tl.store(out, acc, mask=mask_k[:, None] & (offs_c < C)[None, :])
+    tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask_k[:, None] & (offs_c < C)[None, :])

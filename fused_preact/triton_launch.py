@@ -327,6 +327,12 @@ def merge_stats(mean_part: Tensor, m2_part: Tensor, count: int, rows_per_tile: i
          BLOCK_C=block_c, IS_FP64=mean.dtype == torch.float64)
 
 
+def moments_shape(x: Tensor) -> tuple[int, int, int]:
+    """The shape of the per-tile moments a forward emits for an output like
+    x (4-D, N*H*W rows): (2, tiles of STATS_ROWS rows, channels)."""
+    return 2, _cdiv(x.shape[0] * x.shape[2] * x.shape[3], STATS_ROWS), x.shape[1]
+
+
 def merge_moments(parts: Tensor, count: int) -> Tensor:
     """[2, C] mean and biased variance from a forward's emitted per-tile
     moments [2, T, C] (``count`` rows in all, STATS_ROWS per tile)."""
@@ -357,9 +363,9 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
     batch_stats = training or running_mean is None
     update = training and running_mean is not None
     emitted = batch_stats and batch_moments is not None and batch_moments.dim() == 3
-    if emitted and tuple(batch_moments.shape) != (2, _cdiv(m, STATS_ROWS), c):
+    if emitted and tuple(batch_moments.shape) != moments_shape(x):
         raise RuntimeError(f"bn_prepare: emitted moments of shape {tuple(batch_moments.shape)} do not describe an "
-                           f"input of {m} rows and {c} channels (expected (2, {_cdiv(m, STATS_ROWS)}, {c}))")
+                           f"input of {m} rows and {c} channels (expected {moments_shape(x)})")
     from_partials = batch_stats and (batch_moments is None or emitted)
     count = global_count or m
     if batch_stats and count == 0:
@@ -420,7 +426,7 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     stats = torch.empty((2, tiles, k_out), device=x.device, dtype=stats_dtype(x)) if emit_stats else None
     mean_part, m2_part = (stats[0], stats[1]) if emit_stats else (y, y)
     if m > 0:
-        w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype)  # packed [KH, KW, C, K]
+        w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype)  # 3x3: packed [KH, KW, C, K]
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
@@ -428,8 +434,8 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
                      {"BLOCK_M": rows, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 16),
                       "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1},
                      x, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
-                     *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding, KH=kh, KW=kw,
-                     HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
+                     *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
+                     KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
                      DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
     return y, stats
 
@@ -463,7 +469,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         part_gz_xhat = torch.empty_like(part_gz)
         out = torch.empty((4, c), device=x.device, dtype=sdt)  # grad_gamma, grad_beta, k1, k0
         if m > 0:
-            w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype)  # packed [KH, KW, K, C]
+            w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype)  # 3x3: packed [KH, KW, K, C]
             grid = lambda meta: (tiles * _cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, kh * kw, FLAT_LOOP,
                                                      _small_grid(tiles, c)),
@@ -498,11 +504,10 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         # Enough programs to fill a GPU without tiny splits.
         split = WGRAD_SPLIT or (1 if INTERPRET else max(1, min(_cdiv(m, 512), _cdiv(FILL_PROGRAMS, max(tiles, 1)))))
         # The gradient in the weight's own layout (channels_last after
-        # model.to(memory_format=channels_last)): the kernel writes each split
-        # through these strides, so no layout copy follows.
-        w_strides = weight.stride() if _format_of(weight) == torch.channels_last else None
-        grad_w = torch.empty(weight.shape, device=x.device, dtype=sdt,
-                             memory_format=torch.channels_last if w_strides else torch.contiguous_format)
+        # model.to(memory_format=channels_last)) and dtype: one split is
+        # stored there directly (fp32 sums rounded once on store), several
+        # are summed into it (fp32 partials), so no layout copy or cast follows.
+        grad_w = torch.empty(weight.shape, device=x.device, dtype=weight.dtype, memory_format=_format_of(weight))
         part = grad_w.unsqueeze(0) if split == 1 else torch.empty_strided(
             (split, *weight.shape), (weight.numel(), *grad_w.stride()), device=x.device, dtype=sdt)
         if m > 0:
@@ -517,8 +522,6 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                 torch.sum(part, 0, out=grad_w)
         else:
             grad_w.zero_()
-        if grad_w.dtype != weight.dtype:
-            grad_w = grad_w.to(weight.dtype)
     return grad_x, grad_w, bn_grads
 
 

@@ -87,8 +87,7 @@ def bn_relu_conv2d(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Te
 def _bn_relu_conv2d_fake(x, weight, bn, bn_weight, bn_bias, training, stride, padding, residual, emit_stats,
                          global_count=0):
     y = x.new_empty(conv_output_shape(x, weight, stride, padding)).contiguous(memory_format=memory_format_of(x))
-    n, _, oh, ow = y.shape
-    return y, bn.new_empty((2, -(-n * oh * ow // L.STATS_ROWS), weight.shape[0]) if emit_stats else (0,))
+    return y, bn.new_empty(L.moments_shape(y) if emit_stats else (0,))
 
 
 def _unit_backward(grad_y, x, weight, bn, training, stride, padding, need_input_grads, need_weight_grad,
