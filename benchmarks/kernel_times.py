@@ -111,13 +111,17 @@ def main(argv=None) -> int:
                     row[provider] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 print(f"{row['unit']:45s} {provider:9s} {time.perf_counter() - t0:6.1f} s", flush=True)
             rows.append(row)
+    import triton
+
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "triton": triton.__version__, "cuda": torch.version.cuda,
            "dtype": str(dtype), "steps": args.steps, "ceilings": ceilings, "command": " ".join(sys.argv)}
     with open(os.path.join(args.out, "kernel_times.json"), "w") as f:
         json.dump({"env": env, "rows": rows, "autotuned": _autotuned()}, f, indent=1, default=str)
     providers = args.providers.split(",")
     base = providers[0]
-    lines = [f"# Device time per unit training step ({env['device']}, torch {env['torch']}, {env['dtype']})", "",
+    lines = [f"# Device time per unit training step ({env['device']}, torch {env['torch']}, "
+             f"triton {env['triton']}, {env['dtype']})", "",
              f"Command: `{env['command']}`. device ms = sum of the step's kernel durations (profiler), "
              f"host ms = wall time per step; ratios are {base} device ms / provider device ms.", "",
              "| unit | batch | floor ms | " + " | ".join(f"{p} device ms (kernels) | {p} host ms" for p in providers)

@@ -229,7 +229,12 @@ def _capture(fn: Callable[[], object], warmup: int = 3) -> "torch.cuda.CUDAGraph
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    # Capture failed on the H200 in PyTorch's default "global" mode, even for
+    # eager PyTorch (benchmarks/RESULTS.md); "thread_local" (env
+    # FUSED_PREACT_CAPTURE_MODE) lets other threads make calls that are unsafe
+    # during a capture without invalidating it: one candidate cause.
+    mode = os.environ.get("FUSED_PREACT_CAPTURE_MODE", "global")
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode=mode):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     return graph
