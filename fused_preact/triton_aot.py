@@ -107,22 +107,25 @@ def _variants(kernel: str, dtype: str):
     dtype = _TYPE.get(dtype, dtype)
     dot = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}[dtype]
     common = {"IS_FP64": dtype == "fp64", "DOT_DTYPE": dot, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+    param = "fp64" if dtype == "fp64" else "fp32"
     for k, s in ((3, 1), (3, 2), (1, 1), (1, 2)):
         geometry = {"STRIDE": s, "PAD": k // 2, "KH": k, "KW": k}
-        weight, pointers = {}, {}
+        weights = [("", {}, {})]  # (label suffix, weight strides of 1, pointer dtypes)
         if kernel in ("conv_fwd_kernel", "conv_dgrad_kernel"):
             if k == 1:  # [K, C, 1, 1] as it is
-                weight, pointers = {"swc": 1, "swh": 1, "sww": 1}, {"w_ptr": "fp64" if dtype == "fp64" else "fp32"}
-            else:
-                weight = {"swk": 1} if kernel == "conv_fwd_kernel" else {"swc": 1}
+                weights = [("", {"swc": 1, "swh": 1, "sww": 1}, {"w_ptr": param})]
+            else:  # packed; small ones as they are, nn.Conv2d's layout or channels_last
+                weights = [("", {"swk": 1} if kernel == "conv_fwd_kernel" else {"swc": 1}, {}),
+                           (",w-nchw", {"sww": 1}, {"w_ptr": param}), (",w-nhwc", {"swc": 1}, {"w_ptr": param})]
         elif kernel == "conv_wgrad_kernel":  # the gradient of a contiguous weight
-            weight = {"spc": 1, "sph": 1, "spw": 1} if k == 1 else {"spw": 1}
-        if kernel == "conv_fwd_kernel":
-            for res, emit in itertools.product((False, True), repeat=2):
-                yield (f"{k}x{k}/s{s}{'+res' if res else ''}{'+stats' if emit else ''}",
-                       {**geometry, **common, **weight, "HAS_RESIDUAL": res, "EMIT_STATS": emit}, pointers)
-        else:
-            yield f"{k}x{k}/s{s}", {**geometry, **common, **weight}, pointers
+            weights = [("", {"spc": 1, "sph": 1, "spw": 1} if k == 1 else {"spw": 1}, {})]
+        for suffix, weight, pointers in weights:
+            if kernel == "conv_fwd_kernel":
+                for res, emit in itertools.product((False, True), repeat=2):
+                    yield (f"{k}x{k}/s{s}{'+res' if res else ''}{'+stats' if emit else ''}{suffix}",
+                           {**geometry, **common, **weight, "HAS_RESIDUAL": res, "EMIT_STATS": emit}, pointers)
+            else:
+                yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight}, pointers
 
 
 def _configs(kernel: str, all_configs: bool):
@@ -133,7 +136,7 @@ def _configs(kernel: str, all_configs: bool):
     counts = (16, 32, 64, 128) if all_configs else MODEL_CHANNELS
     seen, defaults = {}, set()
     for cols, red in itertools.product(counts, repeat=2):
-        configs = (L._wgrad_configs(cols, red) if kernel == "conv_wgrad_kernel"
+        configs = (L._wgrad_configs(cols, red, 9) if kernel == "conv_wgrad_kernel"
                    else L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True))  # every candidate
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
@@ -198,7 +201,7 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
     kernel, dtype, variant, constexprs, warps, stages, default, pointers = job
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     fn = getattr(K, kernel)
-    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "FLAT")))
+    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "FLAT", "MIXED")))
     rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}", default)
     t0 = time.time()
     try:

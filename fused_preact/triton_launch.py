@@ -139,14 +139,41 @@ def _small_grid(row_tiles: int, cols: int) -> bool:
     return row_tiles * _cdiv(cols, _pow2(cols, 16, 128)) < FILL_PROGRAMS
 
 
-def _wgrad_configs(k: int, c: int, fp64: bool = False) -> list[triton.Config]:
+def _wgrad_configs(k: int, c: int, taps: int = 1, fp64: bool = False,
+                   mixed: Optional[bool] = None) -> list[triton.Config]:
+    """Weight gradient: one tap per column tile (the measured configs, first);
+    for a 3x3 layer narrower than 64 channels also 64-column tiles spanning
+    several taps (MIXED_TAPS, see conv_wgrad_kernel). ``mixed`` True/False
+    keeps only that kind (WGRAD_MIXED; tests)."""
     if fp64:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
-                              num_warps=4, num_stages=2)]
+        bk = _pow2(c, 16, 32)
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": bk,
+                               "MIXED_TAPS": bool(mixed)}, num_warps=4, num_stages=2)]
     bn, bk = _pow2(k, 16, 128), _pow2(c, 16, 64)
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=3)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "MIXED_TAPS": False},
+                             num_warps=warps, num_stages=3)
                for bm, warps in ((64, 4), (128, 8))]
+    if mixed or (mixed is None and taps > 1 and c < 64):
+        configs += [triton.Config({**cfg.kwargs, "BLOCK_K": 64, "MIXED_TAPS": True}, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages) for cfg in configs]
+    if mixed is not None:
+        configs = [cfg for cfg in configs if cfg.kwargs["MIXED_TAPS"] == mixed]
     return configs[:1] if not AUTOTUNE else configs
+
+
+def _wgrad_column_tiles(c: int, taps: int, block_k: int, mixed: bool) -> int:
+    """Column tiles of the weight-gradient GEMM (KH*KW*C columns)."""
+    return _cdiv(taps * c, block_k) if mixed else taps * _cdiv(c, block_k)
+
+
+@functools.lru_cache(maxsize=1024)
+def _wgrad_split(m: int, k: int, c: int, taps: int, fp64: bool, mixed: Optional[bool]) -> int:
+    """Splits of the weight gradient's M rows: enough programs to fill a GPU
+    (counted with the candidate config of fewest tiles, so every candidate
+    fills it), at least 512 rows each."""
+    tiles = min(_wgrad_column_tiles(c, taps, cfg.kwargs["BLOCK_K"], cfg.kwargs["MIXED_TAPS"])
+                * _cdiv(k, cfg.kwargs["BLOCK_N"]) for cfg in _configs_for(("wgrad", k, c, taps, fp64, mixed)))
+    return max(1, min(_cdiv(m, 512), _cdiv(FILL_PROGRAMS, max(tiles, 1))))
 
 
 # The forward/dgrad row block is fixed (not tuned) because the per-tile
@@ -167,6 +194,10 @@ MERGE_T, MERGE_C = (32, 64) if INTERPRET else (256, 16)
 # Splits of the weight-gradient reduction over rows: None = enough programs
 # to fill a GPU (one under the interpreter); a number forces it (tests).
 WGRAD_SPLIT: Optional[int] = None
+# The weight gradient's column tiles: None = autotuned where both kinds are
+# candidates (one tap per tile without autotuning and under the
+# interpreter), True/False = only tiles spanning taps / one tap per tile.
+WGRAD_MIXED: Optional[bool] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -390,15 +421,26 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
     return out
 
 
-def _gemm_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+# A 3x3 weight is read as it is (no packing copy) while the bytes that the
+# row tiles read of it together stay under this: each of a GEMM's row tiles
+# reads the whole weight, in its own dtype (fp32 under autocast) and with
+# channel strides of 9 in nn.Conv2d's layout, from L2. ResNet-164's 3x3
+# layers at batch 128: 9.4 MB; ResNet-v2-50's first 3x3 at batch 64: 231 MB.
+SMALL_WEIGHT_READS = 32 << 20
+
+
+def _gemm_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype, row_tiles: int) -> Tensor:
     """The conv weight as a GEMM kernel reads it: a [K, C, KH, KW] view whose
     strides it follows. A 1x1 weight as it is (C contiguous in nn.Conv2d's
-    layout, read in its own dtype and cast in the kernel: no launch); a
-    larger one packed in ``dtype`` with its axes in memory in ``order`` (K or
-    C innermost, so that each tap's [C, K] block is dense): one copy kernel
-    that also does autocast's cast."""
+    layout, read in its own dtype and cast in the kernel: no launch), and so
+    a small 3x3 one (SMALL_WEIGHT_READS); a larger one packed in ``dtype``
+    with its axes in memory in ``order`` (K or C innermost, so that each
+    tap's [C, K] block is dense): one copy kernel that also does autocast's
+    cast."""
     if weight.shape[2] == 1 and weight.shape[3] == 1:
         return weight
+    if weight.numel() * weight.element_size() * row_tiles <= SMALL_WEIGHT_READS:
+        return weight  # read as it is: cheaper than a copy kernel
     src = weight.permute(order)
     packed = torch.empty(src.shape, device=weight.device, dtype=dtype).copy_(src)
     return packed.permute([order.index(axis) for axis in range(4)])
@@ -426,7 +468,7 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     stats = torch.empty((2, tiles, k_out), device=x.device, dtype=stats_dtype(x)) if emit_stats else None
     mean_part, m2_part = (stats[0], stats[1]) if emit_stats else (y, y)
     if m > 0:
-        w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype)  # 3x3: packed [KH, KW, C, K]
+        w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype, tiles)  # 3x3: packed [KH, KW, C, K]
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
@@ -469,7 +511,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         part_gz_xhat = torch.empty_like(part_gz)
         out = torch.empty((4, c), device=x.device, dtype=sdt)  # grad_gamma, grad_beta, k1, k0
         if m > 0:
-            w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype)  # 3x3: packed [KH, KW, K, C]
+            w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype, tiles)  # 3x3: packed [KH, KW, K, C]
             grid = lambda meta: (tiles * _cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, kh * kw, FLAT_LOOP,
                                                      _small_grid(tiles, c)),
@@ -500,9 +542,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         grad_x, bn_grads = gz, out[:2]
     if need_weight_grad:
         m = n * oh * ow
-        tiles = kh * kw * _cdiv(k_out, _pow2(k_out, 16, 128)) * _cdiv(c, _pow2(c, 16, 64))
-        # Enough programs to fill a GPU without tiny splits.
-        split = WGRAD_SPLIT or (1 if INTERPRET else max(1, min(_cdiv(m, 512), _cdiv(FILL_PROGRAMS, max(tiles, 1)))))
+        split = WGRAD_SPLIT or (1 if INTERPRET else _wgrad_split(m, k_out, c, kh * kw, is_fp64, WGRAD_MIXED))
         # The gradient in the weight's own layout (channels_last after
         # model.to(memory_format=channels_last)) and dtype: one split is
         # stored there directly (fp32 sums rounded once on store), several
@@ -511,10 +551,11 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         part = grad_w.unsqueeze(0) if split == 1 else torch.empty_strided(
             (split, *weight.shape), (weight.numel(), *grad_w.stride()), device=x.device, dtype=sdt)
         if m > 0:
-            grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
-                                 split)
-            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64),
-                         {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
+            grid = lambda meta: (_wgrad_column_tiles(c, kh * kw, meta["BLOCK_K"], meta["MIXED_TAPS"]),  # noqa: E731
+                                 _cdiv(k_out, meta["BLOCK_N"]), split)
+            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, kh * kw, is_fp64, WGRAD_MIXED),
+                         {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32),
+                          "BLOCK_K": 32 if WGRAD_MIXED else _pow2(c, 16, 32), "MIXED_TAPS": bool(WGRAD_MIXED)},
                          x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
                          *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
                          KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)

@@ -119,7 +119,8 @@ def test_unregistered_blocks_are_left_alone():
 
 
 # Bottleneck blocks too on CUDA: their 1x1 convs hand the Triton kernels the
-# fp32 weight itself (cast as it is loaded), the 3x3 ones a packed bf16 copy.
+# fp32 weight itself (cast as it is loaded), and so do these small 3x3 ones
+# (a large 3x3 weight gets a packed bf16 copy: triton_launch.SMALL_WEIGHT_READS).
 AUTOCAST_CASES = [("cpu", torch.bfloat16, "native", "basic")] + (
     [("cuda", dt, be, block) for dt in (torch.float16, torch.bfloat16) for be in ("native", "triton")
      for block in ("basic", "bottleneck")]

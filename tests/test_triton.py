@@ -113,6 +113,40 @@ def test_both_reduction_loops_match_reference(monkeypatch, shape, stride, flat):
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
+@pytest.mark.parametrize("mixed", [True, False], ids=["tiles-span-taps", "one-tap-per-tile"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 6, 7, 7, 5), (1, 40, 5, 6, 20)], ids=["narrow", "wide"])
+def test_weight_gradient_column_tiles(monkeypatch, shape, stride, mixed):
+    """The wgrad kernel's two column tilings (one tap per tile, or tiles of
+    consecutive (tap, channel) columns spanning taps: 6 channels make 54
+    columns, 40 make 360 with tiles straddling tap boundaries), each forced,
+    with the rows in one split and in three."""
+    monkeypatch.setattr(triton_launch, "WGRAD_MIXED", mixed)
+    n, c, h, w, k = shape
+    for split in (None, 3):
+        monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", split)
+        inp, pad = _inputs(n, c, h, w, k, 3, stride, REF_DTYPE, "channels_last", False)
+        _compare(inp, True, stride, pad, REF_DTYPE)
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "as-is"])
+@pytest.mark.parametrize("weight_format", LAYOUTS)
+def test_3x3_weight_packed_or_read_as_is(monkeypatch, weight_format, pack):
+    """The forward and dgrad read a small 3x3 weight as it is (in nn.Conv2d's
+    layout or channels_last; under autocast the fp32 weight, cast as loaded:
+    test_integration's autocast test) and pack a large one
+    (triton_launch.SMALL_WEIGHT_READS): each forced, against the reference."""
+    monkeypatch.setattr(triton_launch, "SMALL_WEIGHT_READS", 0 if pack else 1 << 40)
+    seen = []
+    original = triton_launch._gemm_weight
+    monkeypatch.setattr(triton_launch, "_gemm_weight",
+                        lambda weight, *a: seen.append(original(weight, *a) is weight) or original(weight, *a))
+    inp, pad = _inputs(2, 6, 7, 7, 5, 3, 1, REF_DTYPE, "channels_last", True)
+    inp["weight"] = inp["weight"].contiguous(memory_format=LAYOUTS[weight_format])
+    _compare(inp, True, 1, pad, REF_DTYPE)
+    assert seen and all(as_is != pack for as_is in seen)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs these block sizes in every test")
 def test_gpu_merge_blocks_under_the_interpreter(monkeypatch):
     """The per-channel merges (statistics, finalize, backward finalize) with
