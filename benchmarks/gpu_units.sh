@@ -42,7 +42,7 @@ fi
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 step triton_tests 140 env FUSED_PREACT_TRITON_AUTOTUNE=0 $PY -m pytest -q -rfE $XDIST -p no:cacheprovider \
   -p no:benchmark tests/test_triton.py tests/test_integration.py \
-  -k "repeated or reduction_loops or weights_layout or float32 or emitted or autocast or column_tiles or packed_or"
+  -k "repeated or reduction_loops or weights_layout or float32 or emitted or autocast or column_tiles or packed_or or deterministic"
 wait $WARM
 echo "=== compile: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 if [ -n "$BASE" ]; then

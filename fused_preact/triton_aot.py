@@ -117,8 +117,9 @@ def _variants(kernel: str, dtype: str):
             else:  # packed; small ones as they are, nn.Conv2d's layout or channels_last
                 weights = [("", {"swk": 1} if kernel == "conv_fwd_kernel" else {"swc": 1}, {}),
                            (",w-nchw", {"sww": 1}, {"w_ptr": param}), (",w-nhwc", {"swc": 1}, {"w_ptr": param})]
-        elif kernel == "conv_wgrad_kernel":  # the gradient of a contiguous weight
-            weights = [("", {"spc": 1, "sph": 1, "spw": 1} if k == 1 else {"spw": 1}, {})]
+        elif kernel == "conv_wgrad_kernel":  # the gradient of a contiguous weight; fp32 atomics into it
+            weight = {"spc": 1, "sph": 1, "spw": 1} if k == 1 else {"spw": 1}
+            weights = [("", weight, {}), ("+atomic", {**weight, "ATOMIC_ADD": True}, {"part_ptr": param})]
         for suffix, weight, pointers in weights:
             if kernel == "conv_fwd_kernel":
                 for res, emit in itertools.product((False, True), repeat=2):

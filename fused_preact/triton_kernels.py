@@ -443,7 +443,7 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      MIXED_TAPS: tl.constexpr):
+                      MIXED_TAPS: tl.constexpr, ATOMIC_ADD: tl.constexpr = False):
     """Split-K weight gradient: gW[k, c, kh, kw] = sum over the M = N*OH*OW
     output pixels of gy[pixel, k] * a[pixel shifted by tap (kh, kw), c], with
     a = relu(x*scale + shift) recomputed from x (zero at padding taps).
@@ -452,7 +452,8 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     and writes partials [SPLIT, K, C, KH, KW] through their strides (sp*:
     each split in the weight's own layout, contiguous or channels_last, so
     the gradient needs no layout copy; with one split, the gradient itself in
-    the weight's dtype); the launcher sums splits.
+    the weight's dtype); the launcher sums splits. With ATOMIC_ADD every
+    split adds into the one (zeroed, fp32/fp64) gradient instead.
     A column tile holds BLOCK_K channels of one tap (MIXED_TAPS False: the
     grid has KH*KW*cdiv(C, BLOCK_K) column tiles, masked channel tails), or
     BLOCK_K consecutive (tap, channel) columns that may span several taps
@@ -518,4 +519,7 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
             a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64)
         acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION)
     out = part_ptr + pid_s * sps + offs_k[:, None] * spk + (offs_c * spc + kh * sph + kw * spw)[None, :]
-    tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_col[None, :])
+    if ATOMIC_ADD:  # every split adds into the zeroed gradient (sps = 0)
+        tl.atomic_add(out, acc.to(part_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_col[None, :])
+    else:
+        tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_col[None, :])

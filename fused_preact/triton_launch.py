@@ -172,7 +172,7 @@ def _wgrad_split(m: int, k: int, c: int, taps: int, fp64: bool, mixed: Optional[
     (counted with the candidate config of fewest tiles, so every candidate
     fills it), at least 512 rows each."""
     tiles = min(_wgrad_column_tiles(c, taps, cfg.kwargs["BLOCK_K"], cfg.kwargs["MIXED_TAPS"])
-                * _cdiv(k, cfg.kwargs["BLOCK_N"]) for cfg in _configs_for(("wgrad", k, c, taps, fp64, mixed)))
+                * _cdiv(k, cfg.kwargs["BLOCK_N"]) for cfg in _configs_for(("wgrad", k, c, taps, fp64, mixed, False)))
     return max(1, min(_cdiv(m, 512), _cdiv(FILL_PROGRAMS, max(tiles, 1))))
 
 
@@ -198,18 +198,28 @@ WGRAD_SPLIT: Optional[int] = None
 # candidates (one tap per tile without autotuning and under the
 # interpreter), True/False = only tiles spanning taps / one tap per tile.
 WGRAD_MIXED: Optional[bool] = None
+# Several splits of an fp32/fp64 weight gradient add into it with atomics
+# (one memset instead of a partials buffer and a sum kernel); False: always
+# partials and a sum (also what torch.use_deterministic_algorithms(True) gets).
+WGRAD_ATOMIC = True
 
 
 @functools.lru_cache(maxsize=None)
 def _configs_for(config_key: tuple) -> tuple:
     kind, *args = config_key
-    return tuple(_wgrad_configs(*args) if kind == "wgrad" else _gemm_configs(*args))
+    if kind == "wgrad":
+        k, c, taps, fp64, mixed, _accumulates = args
+        return tuple(_wgrad_configs(k, c, taps, fp64, mixed))
+    return tuple(_gemm_configs(*args))
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str, config_key: tuple) -> object:
-    return triton.autotune(configs=list(_configs_for(config_key)),
-                           key=["M", "C", "K", "H", "W", "OH", "OW"])(getattr(K, kernel_name))
+    # A weight gradient that adds into its output (ATOMIC_ADD) gets it back
+    # as it was after the autotuner's trial runs.
+    accumulates = config_key[0] == "wgrad" and config_key[-1]
+    return triton.autotune(configs=list(_configs_for(config_key)), key=["M", "C", "K", "H", "W", "OH", "OW"],
+                           restore_value=["part_ptr"] if accumulates else None)(getattr(K, kernel_name))
 
 
 # ---------------------------------------------------------------- launching
@@ -544,25 +554,34 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         m = n * oh * ow
         split = WGRAD_SPLIT or (1 if INTERPRET else _wgrad_split(m, k_out, c, kh * kw, is_fp64, WGRAD_MIXED))
         # The gradient in the weight's own layout (channels_last after
-        # model.to(memory_format=channels_last)) and dtype: one split is
-        # stored there directly (fp32 sums rounded once on store), several
-        # are summed into it (fp32 partials), so no layout copy or cast follows.
+        # model.to(memory_format=channels_last)) and dtype, so no layout copy
+        # or cast follows: one split is stored there directly (fp32 sums
+        # rounded once on store); several are added into it with atomics when
+        # it is fp32/fp64 (an fp32 parameter under autocast), or else (a
+        # bf16/fp16 weight, or torch.use_deterministic_algorithms(True):
+        # atomics add in no fixed order) written as fp32 partials and summed.
         grad_w = torch.empty(weight.shape, device=x.device, dtype=weight.dtype, memory_format=_format_of(weight))
-        part = grad_w.unsqueeze(0) if split == 1 else torch.empty_strided(
-            (split, *weight.shape), (weight.numel(), *grad_w.stride()), device=x.device, dtype=sdt)
+        atomic = (split > 1 and weight.dtype in (torch.float32, torch.float64) and WGRAD_ATOMIC
+                  and not torch.are_deterministic_algorithms_enabled())
+        if split == 1 or atomic:
+            part = grad_w.unsqueeze(0).expand(split, *weight.shape)  # every split at the same place
+        else:
+            part = torch.empty_strided((split, *weight.shape), (weight.numel(), *grad_w.stride()),
+                                       device=x.device, dtype=sdt)
+        if atomic or m == 0:
+            grad_w.zero_()
         if m > 0:
             grid = lambda meta: (_wgrad_column_tiles(c, kh * kw, meta["BLOCK_K"], meta["MIXED_TAPS"]),  # noqa: E731
                                  _cdiv(k_out, meta["BLOCK_N"]), split)
-            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, kh * kw, is_fp64, WGRAD_MIXED),
+            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, kh * kw, is_fp64, WGRAD_MIXED, atomic),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32),
                           "BLOCK_K": 32 if WGRAD_MIXED else _pow2(c, 16, 32), "MIXED_TAPS": bool(WGRAD_MIXED)},
                          x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
                          *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
-                         KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
-            if split > 1:
+                         KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                         ATOMIC_ADD=atomic)
+            if split > 1 and not atomic:
                 torch.sum(part, 0, out=grad_w)
-        else:
-            grad_w.zero_()
     return grad_x, grad_w, bn_grads
 
 

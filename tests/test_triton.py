@@ -129,6 +129,27 @@ def test_weight_gradient_column_tiles(monkeypatch, shape, stride, mixed):
         _compare(inp, True, stride, pad, REF_DTYPE)
 
 
+def test_deterministic_algorithms_get_summed_weight_gradient_splits(monkeypatch):
+    """Atomics add the splits in no fixed order: under
+    torch.use_deterministic_algorithms(True) the wgrad writes partials that
+    the launcher sums (fixed order) instead."""
+    monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", 3)
+    atomic_flags = []
+    launch = triton_launch._launch
+    monkeypatch.setattr(triton_launch, "_launch", lambda name, grid, args, kwargs, *rest: (
+        atomic_flags.append(kwargs.get("ATOMIC_ADD")) if name == "conv_wgrad_kernel" else None,
+        launch(name, grid, args, kwargs, *rest))[1])
+    inp, pad = _inputs(2, 6, 7, 7, 5, 3, 1, REF_DTYPE, "channels_last", False)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        for mode in (True, False):
+            torch.use_deterministic_algorithms(mode)
+            _compare(inp, True, 1, pad, REF_DTYPE)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert atomic_flags == [False, True]
+
+
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "as-is"])
 @pytest.mark.parametrize("weight_format", LAYOUTS)
 def test_3x3_weight_packed_or_read_as_is(monkeypatch, weight_format, pack):
@@ -194,16 +215,19 @@ def test_edge_shapes(shape, ksize, stride):
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
-@pytest.mark.parametrize("split", [None, 3], ids=["auto-split", "split3"])
+@pytest.mark.parametrize("split, atomic", [(None, True), (3, True), (3, False)],
+                         ids=["auto-split", "split3-atomic", "split3-summed"])
 @pytest.mark.parametrize("weight_format", LAYOUTS)
 @pytest.mark.parametrize("ksize", [3, 1])
-def test_weight_gradient_in_the_weights_layout(monkeypatch, ksize, weight_format, split):
+def test_weight_gradient_in_the_weights_layout(monkeypatch, ksize, weight_format, split, atomic):
     """After model.to(memory_format=channels_last) the conv weights are
     channels_last: the weight gradient comes out in the weight's layout (the
     wgrad kernel writes each split through its strides; no copy) and matches
-    the reference, with the rows reduced in one split or in three (summed by
-    the launcher; on a GPU the split count follows the shape)."""
+    the reference, with the rows reduced in one split or in three (added
+    into the gradient with atomics, or written as partials and summed by the
+    launcher; on a GPU the split count follows the shape)."""
     monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", split)
+    monkeypatch.setattr(triton_launch, "WGRAD_ATOMIC", atomic)
     inp, pad = _inputs(2, 6, 7, 7, 5, ksize, 1, REF_DTYPE, "channels_last", False)
     inp["weight"] = inp["weight"].contiguous(memory_format=LAYOUTS[weight_format])
     _compare(inp, True, 1, pad, REF_DTYPE)
