@@ -25,6 +25,9 @@ import subprocess
 from typing import Optional
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "null_cuda.c")
+# True while the autotuner times a config through the null driver (tests tell
+# those trial launches from a step's own).
+BENCHMARKING = False
 
 
 def compiler() -> Optional[str]:
@@ -67,8 +70,18 @@ def install() -> None:
             self.set_current_device = lambda device: None
 
         def get_benchmarker(self):
-            # The autotuner's timing runs nothing: every config ties, the first is kept.
-            return lambda fn, **kwargs: 1.0
+            # The autotuner's trial of a config: one launch through the null
+            # library, with the autotuner's hooks around it (restore_value,
+            # reset_to_zero); every config ties and the first is kept.
+            def benchmark(fn, **kwargs):
+                global BENCHMARKING
+                BENCHMARKING = True
+                try:
+                    fn()
+                finally:
+                    BENCHMARKING = False
+                return 1.0
+            return benchmark
 
     triton.runtime.driver.set_active(NullDriver())
     from . import triton_launch

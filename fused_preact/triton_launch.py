@@ -564,10 +564,14 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         atomic = (split > 1 and weight.dtype in (torch.float32, torch.float64) and WGRAD_ATOMIC
                   and not torch.are_deterministic_algorithms_enabled())
         if split == 1 or atomic:
-            part = grad_w.unsqueeze(0).expand(split, *weight.shape)  # every split at the same place
+            part = grad_w.unsqueeze(0)
+            # Atomics: every split at the same place (split stride 0). Not an
+            # expand()ed view: the autotuner copies a saved value back into it.
+            part_strides = (0 if atomic else part.stride(0), *grad_w.stride())
         else:
             part = torch.empty_strided((split, *weight.shape), (weight.numel(), *grad_w.stride()),
                                        device=x.device, dtype=sdt)
+            part_strides = part.stride()
         if atomic or m == 0:
             grad_w.zero_()
         if m > 0:
@@ -577,7 +581,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32),
                           "BLOCK_K": 32 if WGRAD_MIXED else _pow2(c, 16, 32), "MIXED_TAPS": bool(WGRAD_MIXED)},
                          x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
-                         *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
+                         *_strides(x), *_strides(grad_y), *part_strides, STRIDE=stride, PAD=padding, KH=kh,
                          KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                          ATOMIC_ADD=atomic)
             if split > 1 and not atomic:
