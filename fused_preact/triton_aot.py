@@ -117,9 +117,8 @@ def _variants(kernel: str, dtype: str):
             else:  # packed; small ones as they are, nn.Conv2d's layout or channels_last
                 weights = [("", {"swk": 1} if kernel == "conv_fwd_kernel" else {"swc": 1}, {}),
                            (",w-nchw", {"sww": 1}, {"w_ptr": param}), (",w-nhwc", {"swc": 1}, {"w_ptr": param})]
-        elif kernel == "conv_wgrad_kernel":  # the gradient of a contiguous weight; fp32 atomics into it
-            weight = {"spc": 1, "sph": 1, "spw": 1} if k == 1 else {"spw": 1}
-            weights = [("", weight, {}), ("+atomic", {**weight, "ATOMIC_ADD": True}, {"part_ptr": param})]
+        elif kernel == "conv_wgrad_kernel":  # the gradient of a contiguous weight
+            weights = [("", {"spc": 1, "sph": 1, "spw": 1} if k == 1 else {"spw": 1}, {})]
         for suffix, weight, pointers in weights:
             if kernel == "conv_fwd_kernel":
                 for res, emit in itertools.product((False, True), repeat=2):
@@ -137,7 +136,7 @@ def _configs(kernel: str, all_configs: bool):
     counts = (16, 32, 64, 128) if all_configs else MODEL_CHANNELS
     seen, defaults = {}, set()
     for cols, red in itertools.product(counts, repeat=2):
-        configs = (L._wgrad_configs(cols, red, 9) if kernel == "conv_wgrad_kernel"
+        configs = (L._wgrad_configs(cols, red) if kernel == "conv_wgrad_kernel"
                    else L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True))  # every candidate
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
@@ -202,7 +201,7 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
     kernel, dtype, variant, constexprs, warps, stages, default, pointers = job
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     fn = getattr(K, kernel)
-    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "FLAT", "MIXED")))
+    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "FLAT")))
     rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}", default)
     t0 = time.time()
     try:

@@ -442,84 +442,43 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                       sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sps, spk, spc, sph, spw,
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      MIXED_TAPS: tl.constexpr, ATOMIC_ADD: tl.constexpr = False):
-    """Split-K weight gradient: gW[k, c, kh, kw] = sum over the M = N*OH*OW
-    output pixels of gy[pixel, k] * a[pixel shifted by tap (kh, kw), c], with
-    a = relu(x*scale + shift) recomputed from x (zero at padding taps).
-    Seen as a GEMM, its columns are the KH*KW*C (tap, channel) pairs, tap
-    major. Program (column tile, K tile, split) sums its share of the rows
-    and writes partials [SPLIT, K, C, KH, KW] through their strides (sp*:
-    each split in the weight's own layout, contiguous or channels_last, so
-    the gradient needs no layout copy; with one split, the gradient itself in
-    the weight's dtype); the launcher sums splits. With ATOMIC_ADD every
-    split adds into the one (zeroed, fp32/fp64) gradient instead.
-    A column tile holds BLOCK_K channels of one tap (MIXED_TAPS False: the
-    grid has KH*KW*cdiv(C, BLOCK_K) column tiles, masked channel tails), or
-    BLOCK_K consecutive (tap, channel) columns that may span several taps
-    (MIXED_TAPS True: cdiv(KH*KW*C, BLOCK_K) tiles). The second gives narrow
-    layers (C = 16: four taps per 64-column tile) wide dots and reads each gy
-    tile once for several taps, at the price of per-element addresses.
-    Here BLOCK_M is the reduction step, BLOCK_N tiles K, BLOCK_K the columns."""
-    pid_col = tl.program_id(0)
-    pid_k = tl.program_id(1)
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Split-K weight gradient: program (tap, K tile, C tile, split) computes
+    gy[rows, K]^T a[rows, C] over its share of the M = N*OH*OW output pixels,
+    with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
+    and writes it to partials [SPLIT, K, C, KH, KW] through their strides
+    (sp*: each split in the weight's own layout, contiguous or channels_last,
+    so the gradient needs no layout copy; with one split, the gradient itself
+    in the weight's dtype); the launcher sums splits.
+    Here BLOCK_M is the reduction step, BLOCK_N tiles K, BLOCK_K tiles C."""
+    pid_tap = tl.program_id(0)
+    pid_kc = tl.program_id(1)
     pid_s = tl.program_id(2)
+    num_pid_c = tl.cdiv(C, BLOCK_K)
+    pid_k = pid_kc // num_pid_c
+    pid_c = pid_kc % num_pid_c
+    kh = pid_tap // KW
+    kw = pid_tap % KW
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    if MIXED_TAPS:
-        cols = pid_col * BLOCK_K + tl.arange(0, BLOCK_K)
-        tap = cols // C
-        offs_c = cols - tap * C
-        kh = tap // KW
-        kw = tap - kh * KW
-        mask_col = cols < KH * KW * C
-    else:
-        num_pid_c = tl.cdiv(C, BLOCK_K)
-        tap = pid_col // num_pid_c
-        offs_c = (pid_col - tap * num_pid_c) * BLOCK_K + tl.arange(0, BLOCK_K)
-        kh = tap // KW
-        kw = tap - kh * KW
-        mask_col = offs_c < C
     chunks = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(chunks, SPLIT)
     if IS_FP64:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if MIXED_TAPS:
-        # Per column: its channel's scale/shift and its offset from the
-        # pixel's top-left tap; per row: that tap's position.
-        scale = tl.load(scale_ptr + offs_c, mask=mask_col, other=0.0)
-        shift = tl.load(shift_ptr + offs_c, mask=mask_col, other=0.0)
-        col_off = offs_c.to(tl.int64) * sxc + kh.to(tl.int64) * sxh + kw.to(tl.int64) * sxw
     for i in range(0, per_split):
         offs_m = (pid_s * per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         n, oh, ow = _rows_to_nhw(offs_m, OH * OW, OW)
         g = tl.load(gy_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + offs_k.to(tl.int64)[None, :] * sgc,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if MIXED_TAPS:
-            ih0 = oh * STRIDE - PAD
-            iw0 = ow * STRIDE - PAD
-            ih = ih0[:, None] + kh[None, :]
-            iw = iw0[:, None] + kw[None, :]
-            ok = (mask_m[:, None] & mask_col[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            base = n * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
-            x = tl.load(x_ptr + base[:, None] + col_off[None, :], mask=ok, other=0.0)
-            if IS_FP64:
-                z = x.to(tl.float64) * scale[None, :] + shift[None, :]
-            else:
-                z = x.to(tl.float32) * scale[None, :] + shift[None, :]
-            a = tl.where(ok & (z > 0), z, 0.0).to(DOT_DTYPE)
-        else:
-            ih = oh * STRIDE - PAD + kh
-            iw = ow * STRIDE - PAD + kw
-            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64)
+        ih = oh * STRIDE - PAD + kh
+        iw = ow * STRIDE - PAD + kw
+        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64)
         acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION)
-    out = part_ptr + pid_s * sps + offs_k[:, None] * spk + (offs_c * spc + kh * sph + kw * spw)[None, :]
-    if ATOMIC_ADD:  # every split adds into the zeroed gradient (sps = 0)
-        tl.atomic_add(out, acc.to(part_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_col[None, :])
-    else:
-        tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_col[None, :])
+    out = part_ptr + pid_s * sps + offs_k[:, None] * spk + offs_c[None, :] * spc + kh * sph + kw * spw
+    tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask_k[:, None] & (offs_c < C)[None, :])

@@ -139,41 +139,24 @@ def _small_grid(row_tiles: int, cols: int) -> bool:
     return row_tiles * _cdiv(cols, _pow2(cols, 16, 128)) < FILL_PROGRAMS
 
 
-def _wgrad_configs(k: int, c: int, taps: int = 1, fp64: bool = False,
-                   mixed: Optional[bool] = None) -> list[triton.Config]:
-    """Weight gradient: one tap per column tile (the measured configs, first);
-    for a 3x3 layer narrower than 64 channels also 64-column tiles spanning
-    several taps (MIXED_TAPS, see conv_wgrad_kernel). ``mixed`` True/False
-    keeps only that kind (WGRAD_MIXED; tests)."""
+def _wgrad_configs(k: int, c: int, fp64: bool = False) -> list[triton.Config]:
     if fp64:
-        bk = _pow2(c, 16, 32)
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": bk,
-                               "MIXED_TAPS": bool(mixed)}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
+                              num_warps=4, num_stages=2)]
     bn, bk = _pow2(k, 16, 128), _pow2(c, 16, 64)
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "MIXED_TAPS": False},
-                             num_warps=warps, num_stages=3)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=3)
                for bm, warps in ((64, 4), (128, 8))]
-    if mixed or (mixed is None and taps > 1 and c < 64):
-        configs += [triton.Config({**cfg.kwargs, "BLOCK_K": 64, "MIXED_TAPS": True}, num_warps=cfg.num_warps,
-                                  num_stages=cfg.num_stages) for cfg in configs]
-    if mixed is not None:
-        configs = [cfg for cfg in configs if cfg.kwargs["MIXED_TAPS"] == mixed]
     return configs[:1] if not AUTOTUNE else configs
 
 
-def _wgrad_column_tiles(c: int, taps: int, block_k: int, mixed: bool) -> int:
-    """Column tiles of the weight-gradient GEMM (KH*KW*C columns)."""
-    return _cdiv(taps * c, block_k) if mixed else taps * _cdiv(c, block_k)
-
-
-@functools.lru_cache(maxsize=1024)
-def _wgrad_split(m: int, k: int, c: int, taps: int, fp64: bool, mixed: Optional[bool]) -> int:
-    """Splits of the weight gradient's M rows: enough programs to fill a GPU
-    (counted with the candidate config of fewest tiles, so every candidate
-    fills it), at least 512 rows each."""
-    tiles = min(_wgrad_column_tiles(c, taps, cfg.kwargs["BLOCK_K"], cfg.kwargs["MIXED_TAPS"])
-                * _cdiv(k, cfg.kwargs["BLOCK_N"]) for cfg in _configs_for(("wgrad", k, c, taps, fp64, mixed, False)))
-    return max(1, min(_cdiv(m, 512), _cdiv(FILL_PROGRAMS, max(tiles, 1))))
+def _wgrad_split(m: int, k: int, c: int, taps: int) -> int:
+    """Splits of the weight gradient's M rows, at least 512 rows each: enough
+    programs to fill a GPU, three times that for 3x3 layers narrower than 64
+    channels, whose programs do little work per row tile (ResNet-164's first
+    3x3 wgrad: 88 splits instead of 30; see benchmarks/RESULTS.md, session 5)."""
+    tiles = taps * _cdiv(k, _pow2(k, 16, 128)) * _cdiv(c, _pow2(c, 16, 64))
+    fill = FILL_PROGRAMS * (3 if taps > 1 and c < 64 else 1)
+    return max(1, min(_cdiv(m, 512), _cdiv(fill, tiles)))
 
 
 # The forward/dgrad row block is fixed (not tuned) because the per-tile
@@ -194,32 +177,18 @@ MERGE_T, MERGE_C = (32, 64) if INTERPRET else (256, 16)
 # Splits of the weight-gradient reduction over rows: None = enough programs
 # to fill a GPU (one under the interpreter); a number forces it (tests).
 WGRAD_SPLIT: Optional[int] = None
-# The weight gradient's column tiles: None = autotuned where both kinds are
-# candidates (one tap per tile without autotuning and under the
-# interpreter), True/False = only tiles spanning taps / one tap per tile.
-WGRAD_MIXED: Optional[bool] = None
-# Several splits of an fp32/fp64 weight gradient add into it with atomics
-# (one memset instead of a partials buffer and a sum kernel); False: always
-# partials and a sum (also what torch.use_deterministic_algorithms(True) gets).
-WGRAD_ATOMIC = True
 
 
 @functools.lru_cache(maxsize=None)
 def _configs_for(config_key: tuple) -> tuple:
     kind, *args = config_key
-    if kind == "wgrad":
-        k, c, taps, fp64, mixed, _accumulates = args
-        return tuple(_wgrad_configs(k, c, taps, fp64, mixed))
-    return tuple(_gemm_configs(*args))
+    return tuple(_wgrad_configs(*args) if kind == "wgrad" else _gemm_configs(*args))
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str, config_key: tuple) -> object:
-    # A weight gradient that adds into its output (ATOMIC_ADD) gets it back
-    # as it was after the autotuner's trial runs.
-    accumulates = config_key[0] == "wgrad" and config_key[-1]
-    return triton.autotune(configs=list(_configs_for(config_key)), key=["M", "C", "K", "H", "W", "OH", "OW"],
-                           restore_value=["part_ptr"] if accumulates else None)(getattr(K, kernel_name))
+    return triton.autotune(configs=list(_configs_for(config_key)),
+                           key=["M", "C", "K", "H", "W", "OH", "OW"])(getattr(K, kernel_name))
 
 
 # ---------------------------------------------------------------- launching
@@ -552,40 +521,26 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         grad_x, bn_grads = gz, out[:2]
     if need_weight_grad:
         m = n * oh * ow
-        split = WGRAD_SPLIT or (1 if INTERPRET else _wgrad_split(m, k_out, c, kh * kw, is_fp64, WGRAD_MIXED))
+        split = WGRAD_SPLIT or (1 if INTERPRET else _wgrad_split(m, k_out, c, kh * kw))
         # The gradient in the weight's own layout (channels_last after
-        # model.to(memory_format=channels_last)) and dtype, so no layout copy
-        # or cast follows: one split is stored there directly (fp32 sums
-        # rounded once on store); several are added into it with atomics when
-        # it is fp32/fp64 (an fp32 parameter under autocast), or else (a
-        # bf16/fp16 weight, or torch.use_deterministic_algorithms(True):
-        # atomics add in no fixed order) written as fp32 partials and summed.
+        # model.to(memory_format=channels_last)) and dtype: one split is
+        # stored there directly (fp32 sums rounded once on store), several
+        # are summed into it (fp32 partials), so no layout copy or cast follows.
         grad_w = torch.empty(weight.shape, device=x.device, dtype=weight.dtype, memory_format=_format_of(weight))
-        atomic = (split > 1 and weight.dtype in (torch.float32, torch.float64) and WGRAD_ATOMIC
-                  and not torch.are_deterministic_algorithms_enabled())
-        if split == 1 or atomic:
-            part = grad_w.unsqueeze(0)
-            # Atomics: every split at the same place (split stride 0). Not an
-            # expand()ed view: the autotuner copies a saved value back into it.
-            part_strides = (0 if atomic else part.stride(0), *grad_w.stride())
-        else:
-            part = torch.empty_strided((split, *weight.shape), (weight.numel(), *grad_w.stride()),
-                                       device=x.device, dtype=sdt)
-            part_strides = part.stride()
-        if atomic or m == 0:
-            grad_w.zero_()
+        part = grad_w.unsqueeze(0) if split == 1 else torch.empty_strided(
+            (split, *weight.shape), (weight.numel(), *grad_w.stride()), device=x.device, dtype=sdt)
         if m > 0:
-            grid = lambda meta: (_wgrad_column_tiles(c, kh * kw, meta["BLOCK_K"], meta["MIXED_TAPS"]),  # noqa: E731
-                                 _cdiv(k_out, meta["BLOCK_N"]), split)
-            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, kh * kw, is_fp64, WGRAD_MIXED, atomic),
-                         {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32),
-                          "BLOCK_K": 32 if WGRAD_MIXED else _pow2(c, 16, 32), "MIXED_TAPS": bool(WGRAD_MIXED)},
+            grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
+                                 split)
+            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64),
+                         {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
                          x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
-                         *_strides(x), *_strides(grad_y), *part_strides, STRIDE=stride, PAD=padding, KH=kh,
-                         KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-                         ATOMIC_ADD=atomic)
-            if split > 1 and not atomic:
+                         *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
+                         KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
+            if split > 1:
                 torch.sum(part, 0, out=grad_w)
+        else:
+            grad_w.zero_()
     return grad_x, grad_w, bn_grads
 
 

@@ -113,43 +113,6 @@ def test_both_reduction_loops_match_reference(monkeypatch, shape, stride, flat):
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
-@pytest.mark.parametrize("mixed", [True, False], ids=["tiles-span-taps", "one-tap-per-tile"])
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("shape", [(2, 6, 7, 7, 5), (1, 40, 5, 6, 20)], ids=["narrow", "wide"])
-def test_weight_gradient_column_tiles(monkeypatch, shape, stride, mixed):
-    """The wgrad kernel's two column tilings (one tap per tile, or tiles of
-    consecutive (tap, channel) columns spanning taps: 6 channels make 54
-    columns, 40 make 360 with tiles straddling tap boundaries), each forced,
-    with the rows in one split and in three."""
-    monkeypatch.setattr(triton_launch, "WGRAD_MIXED", mixed)
-    n, c, h, w, k = shape
-    for split in (None, 3):
-        monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", split)
-        inp, pad = _inputs(n, c, h, w, k, 3, stride, REF_DTYPE, "channels_last", False)
-        _compare(inp, True, stride, pad, REF_DTYPE)
-
-
-def test_deterministic_algorithms_get_summed_weight_gradient_splits(monkeypatch):
-    """Atomics add the splits in no fixed order: under
-    torch.use_deterministic_algorithms(True) the wgrad writes partials that
-    the launcher sums (fixed order) instead."""
-    monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", 3)
-    atomic_flags = []
-    launch = triton_launch._launch
-    monkeypatch.setattr(triton_launch, "_launch", lambda name, grid, args, kwargs, *rest: (
-        atomic_flags.append(kwargs.get("ATOMIC_ADD")) if name == "conv_wgrad_kernel" else None,
-        launch(name, grid, args, kwargs, *rest))[1])
-    inp, pad = _inputs(2, 6, 7, 7, 5, 3, 1, REF_DTYPE, "channels_last", False)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        for mode in (True, False):
-            torch.use_deterministic_algorithms(mode)
-            _compare(inp, True, 1, pad, REF_DTYPE)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-    assert atomic_flags == [False, True]
-
-
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "as-is"])
 @pytest.mark.parametrize("weight_format", LAYOUTS)
 def test_3x3_weight_packed_or_read_as_is(monkeypatch, weight_format, pack):
@@ -160,8 +123,13 @@ def test_3x3_weight_packed_or_read_as_is(monkeypatch, weight_format, pack):
     monkeypatch.setattr(triton_launch, "SMALL_WEIGHT_READS", 0 if pack else 1 << 40)
     seen = []
     original = triton_launch._gemm_weight
-    monkeypatch.setattr(triton_launch, "_gemm_weight",
-                        lambda weight, *a: seen.append(original(weight, *a) is weight) or original(weight, *a))
+
+    def recording(weight, *args):
+        w_gemm = original(weight, *args)
+        seen.append(w_gemm is weight)
+        return w_gemm
+
+    monkeypatch.setattr(triton_launch, "_gemm_weight", recording)
     inp, pad = _inputs(2, 6, 7, 7, 5, 3, 1, REF_DTYPE, "channels_last", True)
     inp["weight"] = inp["weight"].contiguous(memory_format=LAYOUTS[weight_format])
     _compare(inp, True, 1, pad, REF_DTYPE)
@@ -215,19 +183,16 @@ def test_edge_shapes(shape, ksize, stride):
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
-@pytest.mark.parametrize("split, atomic", [(None, True), (3, True), (3, False)],
-                         ids=["auto-split", "split3-atomic", "split3-summed"])
+@pytest.mark.parametrize("split", [None, 3], ids=["auto-split", "split3"])
 @pytest.mark.parametrize("weight_format", LAYOUTS)
 @pytest.mark.parametrize("ksize", [3, 1])
-def test_weight_gradient_in_the_weights_layout(monkeypatch, ksize, weight_format, split, atomic):
+def test_weight_gradient_in_the_weights_layout(monkeypatch, ksize, weight_format, split):
     """After model.to(memory_format=channels_last) the conv weights are
     channels_last: the weight gradient comes out in the weight's layout (the
     wgrad kernel writes each split through its strides; no copy) and matches
-    the reference, with the rows reduced in one split or in three (added
-    into the gradient with atomics, or written as partials and summed by the
-    launcher; on a GPU the split count follows the shape)."""
+    the reference, with the rows reduced in one split or in three (summed by
+    the launcher; on a GPU the split count follows the shape)."""
     monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", split)
-    monkeypatch.setattr(triton_launch, "WGRAD_ATOMIC", atomic)
     inp, pad = _inputs(2, 6, 7, 7, 5, ksize, 1, REF_DTYPE, "channels_last", False)
     inp["weight"] = inp["weight"].contiguous(memory_format=LAYOUTS[weight_format])
     _compare(inp, True, 1, pad, REF_DTYPE)

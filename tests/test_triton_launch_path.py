@@ -70,8 +70,7 @@ cases = {
     "3x3 20->24 bf16 train": unit_case(20, 24, 3, 1, torch.bfloat16, True),
     "1x1/2 32->16 bf16 train": unit_case(32, 16, 1, 2, torch.bfloat16, True),
     "3x3 16->16 fp32 eval": unit_case(16, 16, 3, 1, torch.float32, False),
-    # 2048 output pixels: the weight gradient in 4 splits, added with atomics
-    # into the fp32 gradient (the autotuner restores it after its trials).
+    # 2048 output pixels: the weight gradient in 4 splits and a sum.
     "3x3 16->16 fp32 train, wgrad splits": unit_case(16, 16, 3, 1, torch.float32, True, size=32),
     "bottleneck/2 bf16 train": block_case(torch.bfloat16),
 }
