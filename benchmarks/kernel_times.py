@@ -3,6 +3,7 @@ from the PyTorch profiler (CUPTI) rather than from CUDA-graph replay.
 
     python benchmarks/kernel_times.py --out OUTDIR [--providers eager_cl,native,triton]
            [--units resnet164,resnetv2_50] [--batch 128/64] [--steps 10] [--dtype bfloat16]
+    python benchmarks/kernel_times.py --out OUTDIR --from-json kernel_times.json   # report only
 
 Why: on the H200 every provider was host-bound (benchmarks/RESULTS.md), so
 wall-clock time says little about the kernels, and the CUDA-graph timing of
@@ -10,7 +11,8 @@ the benchmark failed at capture. The profiler records every kernel's start
 and end on the GPU whatever the host does; the sum of a step's kernel
 durations is the time the GPU was busy with it ("device ms"). Compared side
 by side, it is the kernels' speed-up, next to the unit's memory/FLOP floor
-(measured copy bandwidth and bf16 matmul rate, as in ``fused_preact.bench``).
+(measured copy bandwidth and bf16 matmul rate, as in ``fused_preact.bench``),
+and each Triton GEMM kernel's time next to its own floor.
 Per unit and provider it writes: device ms per step, kernels per step,
 host-timed ms per step, and the heaviest kernels; and what the Triton
 autotuner measured and chose per kernel and shape (among them the flat or
@@ -87,12 +89,20 @@ def main(argv=None) -> int:
                         help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--max-units", type=int, default=None, help="only the first N units of each set (smoke)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--from-json", default=None, metavar="PATH",
+                        help="measure nothing: write OUT/kernel_times.md from a saved kernel_times.json")
     args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        write_report(data, [p for p in data["rows"][0] if p not in ("unit", "batch", "floor_ms")], args.out)
+        print(f"wrote {os.path.join(args.out, 'kernel_times.md')}")
+        return 0
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     if device == "cpu" and "triton" in args.providers and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("Triton on CPU tensors needs TRITON_INTERPRET=1")
-    os.makedirs(args.out, exist_ok=True)
     ceilings = bench.device_ceilings(device)
     sets = {"resnet164": bench.resnet164_units, "resnetv2_50": bench.resnetv2_50_units}
     rows = []
@@ -116,12 +126,49 @@ def main(argv=None) -> int:
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "triton": triton.__version__, "cuda": torch.version.cuda,
            "dtype": str(dtype), "steps": args.steps, "ceilings": ceilings, "command": " ".join(sys.argv)}
+    data = {"env": env, "rows": rows, "autotuned": _autotuned()}
     with open(os.path.join(args.out, "kernel_times.json"), "w") as f:
-        json.dump({"env": env, "rows": rows, "autotuned": _autotuned()}, f, indent=1, default=str)
-    providers = args.providers.split(",")
+        json.dump(data, f, indent=1, default=str)
+    lines = write_report(data, args.providers.split(","), args.out)
+    print("\n".join(lines[:len(rows) + 6]))
+    return 0
+
+
+# The Triton unit's three GEMM kernels, for their floors.
+GEMMS = ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
+
+
+def gemm_floors(shape, batch: int, ceilings: dict, elem: int = 2) -> dict:
+    """Floor (ms) of each Triton GEMM kernel of a unit's training step:
+    max(FLOPs / matmul rate, fewest bytes / copy bandwidth), with bf16
+    activations (``elem`` bytes) and the fp32 weight autocast keeps. Forward:
+    reads x, the weight (and the residual), writes y; dgrad: reads gy, the
+    weight and x (ReLU mask and x-hat), writes gz; wgrad: reads x and gy,
+    writes the weight gradient. Each does the forward's FLOPs."""
+    o, taps = shape.out_size(), shape.kernel ** 2
+    m_out, m_in = batch * o * o, batch * shape.size ** 2
+    flops = 2 * m_out * shape.cout * shape.cin * taps
+    x, y, w = m_in * shape.cin * elem, m_out * shape.cout * elem, shape.cout * shape.cin * taps * 4
+    moved = {"conv_fwd_kernel": x + w + y + (y if shape.residual else 0),
+             "conv_dgrad_kernel": y + w + 2 * x, "conv_wgrad_kernel": x + y + w}
+    return {k: max(flops / ceilings["bf16_flops_per_s"], b / ceilings["copy_bytes_per_s"]) * 1e3
+            for k, b in moved.items()}
+
+
+def _shape_of(unit: str):
+    """The UnitShape a row's label ("resnet164 s1.3x3 16->16 @32") names."""
+    model, name = unit.split()[:2]
+    sets = {"resnet164": bench.resnet164_units, "resnetv2_50": bench.resnetv2_50_units}
+    return next(s for s in sets[model]() if s.name == name)
+
+
+def write_report(data: dict, providers: list, out_dir: str) -> list:
+    """kernel_times.md from the measured data (also from a saved
+    kernel_times.json: --from-json)."""
+    env, rows, tuned = data["env"], data["rows"], data["autotuned"]
     base = providers[0]
     lines = [f"# Device time per unit training step ({env['device']}, torch {env['torch']}, "
-             f"triton {env['triton']}, {env['dtype']})", "",
+             f"triton {env.get('triton', '?')}, {env['dtype']})", "",
              f"Command: `{env['command']}`. device ms = sum of the step's kernel durations (profiler), "
              f"host ms = wall time per step; ratios are {base} device ms / provider device ms.", "",
              "| unit | batch | floor ms | " + " | ".join(f"{p} device ms (kernels) | {p} host ms" for p in providers)
@@ -137,12 +184,21 @@ def main(argv=None) -> int:
             ok = "error" not in row[base] and "error" not in row[p] and row[p]["device_ms"] > 0
             cells.append(f"{row[base]['device_ms'] / row[p]['device_ms']:.2f}x" if ok else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    if "triton" in providers and env.get("ceilings"):
+        lines += ["", "## Triton GEMM kernels beside their floors (us per step; floor = max(FLOPs / matmul "
+                  "rate, fewest bytes / copy bandwidth), x = time / floor)", "",
+                  "| unit | forward | dgrad | wgrad |", "|---|---:|---:|---:|"]
+        for row in rows:
+            top = dict(row["triton"].get("top", []))
+            floors = gemm_floors(_shape_of(row["unit"]), row["batch"], env["ceilings"])
+            cells = [f"{top[k] * 1e3:.1f} ({floors[k] * 1e3:.1f}, {top[k] / floors[k]:.1f}x)" if k in top else "-"
+                     for k in GEMMS]
+            lines.append(f"| {row['unit']} | " + " | ".join(cells) + " |")
     lines += ["", "## Heaviest kernels per step (ms)", ""]
     for row in rows:
         for p in providers:
             if "top" in row[p]:
                 lines.append(f"- {row['unit']} / {p}: " + "; ".join(f"{n} {ms:.3f}" for n, ms in row[p]["top"]))
-    tuned = _autotuned()
     if tuned:
         lines += ["", "## Autotuner choices (Triton)", ""]
         for t in tuned:
@@ -152,10 +208,9 @@ def main(argv=None) -> int:
     errors = [f"- {row['unit']} / {p}: {row[p]['error']}" for row in rows for p in providers if "error" in row[p]]
     if errors:
         lines += ["", "## Errors", ""] + errors
-    with open(os.path.join(args.out, "kernel_times.md"), "w") as f:
+    with open(os.path.join(out_dir, "kernel_times.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[:len(rows) + 6]))
-    return 0
+    return lines
 
 
 if __name__ == "__main__":

@@ -230,10 +230,11 @@ def _capture(fn: Callable[[], object], warmup: int = 3) -> "torch.cuda.CUDAGraph
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     # Capture failed on the H200 in PyTorch's default "global" mode, even for
-    # eager PyTorch (benchmarks/RESULTS.md); "thread_local" (env
-    # FUSED_PREACT_CAPTURE_MODE) lets other threads make calls that are unsafe
-    # during a capture without invalidating it: one candidate cause.
-    mode = os.environ.get("FUSED_PREACT_CAPTURE_MODE", "global")
+    # eager PyTorch; in "thread_local" mode (calls of other threads that are
+    # unsafe during a capture do not invalidate it) every capture succeeded,
+    # eager's and the fused units', on an H100 and an H200 (benchmarks/
+    # RESULTS.md, session 5). FUSED_PREACT_CAPTURE_MODE picks another.
+    mode = os.environ.get("FUSED_PREACT_CAPTURE_MODE", "thread_local")
     with torch.cuda.graph(graph, stream=stream, capture_error_mode=mode):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
@@ -625,8 +626,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warm-workers", type=int, default=None,
                         help="processes that compile the Triton kernels before timing (default: 8 on CUDA)")
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="on CUDA: also time CUDA-graph replays (device time without host overhead); "
-                             "experimental: capture failed on the H200 so far (benchmarks/RESULTS.md)")
+                        help="on CUDA: also time CUDA-graph replays (device time without host overhead; "
+                             "captured in thread_local mode, see benchmarks/RESULTS.md)")
     parser.add_argument("--warm-only", action="store_true",
                         help="only compile the Triton kernels into Triton's cache (e.g. while tests run), no timing")
     parser.add_argument("--out", default="bench_out")
