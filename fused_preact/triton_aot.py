@@ -124,6 +124,8 @@ def _variants(kernel: str, dtype: str):
                 for res, emit in itertools.product((False, True), repeat=2):
                     yield (f"{k}x{k}/s{s}{'+res' if res else ''}{'+stats' if emit else ''}{suffix}",
                            {**geometry, **common, **weight, "HAS_RESIDUAL": res, "EMIT_STATS": emit}, pointers)
+            elif kernel == "conv_dgrad_kernel":  # stride 2 in parity classes (triton_launch.DGRAD_PARITY)
+                yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight, "PARITY": s == 2}, pointers
             else:
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight}, pointers
 
@@ -181,7 +183,9 @@ def _jobs(dtypes, all_configs: bool) -> list[tuple]:
             for i, (variant, constexprs, pointers) in enumerate(_variants(kernel, dtype)):
                 # _variants yields the 3x3/s1 variants first; the last of
                 # those for conv_fwd is the one with residual and statistics.
-                heaviest = variant in ("3x3/s1", "3x3/s1+res+stats")
+                # The stride-2 dgrad is another loop (parity classes): every config too.
+                heaviest = variant in ("3x3/s1", "3x3/s1+res+stats") or (kernel, variant) == ("conv_dgrad_kernel",
+                                                                                               "3x3/s2")
                 for j, (cfg, default) in enumerate(configs):
                     if all_configs or heaviest or j == 0:
                         jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,

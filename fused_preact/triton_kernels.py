@@ -344,7 +344,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      FLAT: tl.constexpr):
+                      FLAT: tl.constexpr, PARITY: tl.constexpr = False):
     """ga[n, h, w, c] = sum over taps and output channels of gy * W: rows =
     input pixels (M = N*H*W), columns = input channels C, reduction = taps x
     K. A tap reaches output pixel ((h + PAD - kh)/STRIDE, ...) when that is an
@@ -352,20 +352,63 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     (nn.Conv2d's own for 1x1, packed [KH, KW, K, C] otherwise) and cast to
     DOT_DTYPE as it is loaded. FLAT: one loop over (tap, chunk of K), as in
     conv_fwd_kernel.
+    PARITY (STRIDE 2): a stride-2 conv reaches input pixel (h, w) only
+    through the taps with h + PAD - kh and w + PAD - kw even, 1 to 4 of a
+    3x3's 9. So the input pixels are taken in four classes by the parity of
+    (h, w) (program axis 1), each class's rows in raster order, and each
+    class loops over its own taps only: a quarter of the MMA work of
+    visiting all 9 taps with masked rows.
     Epilogue: gz = ga * [x*scale + shift > 0] stored in x's layout, and
-    per-tile sums of gz and gz*xhat for the gamma/beta gradients."""
-    pid_m, pid_n = _grouped_pid(M, C, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    per-tile sums of gz and gz*xhat for the gamma/beta gradients (tile rows
+    [class * row tiles + row tile] with PARITY)."""
+    if PARITY:
+        cls = tl.program_id(1)
+        ph = cls // 2
+        pw = cls - ph * 2
+        hc = (H - ph + 1) // 2  # rows and columns of this class
+        wc = (W - pw + 1) // 2
+        rows_max = (M // (H * W)) * ((H + 1) // 2) * ((W + 1) // 2)  # the largest class, (0, 0)
+        pid_m, pid_n = _grouped_pid(rows_max, C, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < (M // (H * W)) * hc * wc
+        n, i, j = _rows_to_nhw(offs_m, tl.maximum(hc * wc, 1), tl.maximum(wc, 1))  # (an empty class: H or W 1)
+        h = 2 * i + ph
+        w = 2 * j + pw
+        tile = cls * tl.cdiv(rows_max, BLOCK_M) + pid_m
+    else:
+        pid_m, pid_n = _grouped_pid(M, C, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        n, h, w = _rows_to_nhw(offs_m, H * W, W)
+        tile = pid_m
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < C
-    n, h, w = _rows_to_nhw(offs_m, H * W, W)
     if IS_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT:
+    if PARITY:
+        # Taps of this class: kh = kh0, kh0 + 2, ... with kh0 = (ph + PAD)
+        # mod 2 (then h + PAD - kh is even and oh exact), likewise kw; one
+        # flat loop over (tap, chunk of K), which Triton software-pipelines.
+        kh0 = (ph + PAD) % 2
+        kw0 = (pw + PAD) % 2
+        taps_w = (KW - kw0 + 1) // 2
+        chunks = tl.cdiv(K, BLOCK_K)
+        for it in range(0, (KH - kh0 + 1) // 2 * taps_w * chunks):
+            tap = it // chunks
+            kh = kh0 + 2 * (tap // taps_w)
+            kw = kw0 + 2 * (tap % taps_w)
+            th = h + PAD - kh
+            oh = th // 2
+            tw = w + PAD - kw
+            ow = tw // 2
+            row_ok = mask_m & (th >= 0) & (oh < OH) & (tw >= 0) & (ow < OW)
+            row_base = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+            acc = _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww,
+                             (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K), offs_n, mask_n, K, sgc, swk, swc,
+                             DOT_DTYPE, INPUT_PRECISION)
+    elif FLAT:
         chunks = tl.cdiv(K, BLOCK_K)
         for it in range(0, KH * KW * chunks):
             kh, kw, offs_k = _flat_tap(it, chunks, KW, BLOCK_K)
@@ -404,8 +447,8 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     gz = tl.where(mask & (z > 0), acc, 0.0)
     tl.store(gz_ptr + x_offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
     xhat = (x - mean[None, :]) * invstd[None, :]
-    tl.store(sum_gz_ptr + pid_m * C + offs_n, tl.sum(gz, axis=0), mask=mask_n)
-    tl.store(sum_gz_xhat_ptr + pid_m * C + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
+    tl.store(sum_gz_ptr + tile * C + offs_n, tl.sum(gz, axis=0), mask=mask_n)
+    tl.store(sum_gz_xhat_ptr + tile * C + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
 
 
 @triton.jit

@@ -168,6 +168,10 @@ STATS_ROWS = ROWS_INTERPRET if INTERPRET else ROWS_GPU
 # None = autotuned (GPU; the unrolled form without autotuning and under the
 # interpreter), True/False = only the flat/unrolled one (the tests run both).
 FLAT_LOOP: Optional[bool] = None
+# The dgrad of a stride-2 conv in four parity classes of input pixels, each
+# visiting only its taps (conv_dgrad_kernel's PARITY); False (env
+# FUSED_PREACT_DGRAD_PARITY=0, or tests) visits all taps with masked rows.
+DGRAD_PARITY = os.environ.get("FUSED_PREACT_DGRAD_PARITY", "1") != "0"
 # Per-channel reductions over per-tile partials (merge_stats, bn_finalize,
 # bn_backward_finalize): one program per MERGE_C channels walks the tiles
 # MERGE_T at a time, a chain of dependent loads, so few and wide steps:
@@ -482,7 +486,12 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
     if need_input_grads:
         m = n * h * w
         rows = ROWS_INTERPRET if INTERPRET else ROWS_GPU
-        tiles = _cdiv(m, rows)
+        # Stride 2: the input pixels in four parity classes, each visiting
+        # only its own taps (conv_dgrad_kernel's PARITY); row tiles per class
+        # counted for the largest one.
+        parity = stride == 2 and DGRAD_PARITY
+        row_tiles = _cdiv(n * _cdiv(h, 2) * _cdiv(w, 2), rows) if parity else _cdiv(m, rows)
+        tiles = 4 * row_tiles if parity else row_tiles  # partial sums: one row per (class,) row tile
         gz = torch.empty_like(x)  # keeps x's dense layout (channels_last or contiguous)
         if gz.stride() != x.stride():
             x = x.contiguous(memory_format=_format_of(gz))
@@ -491,15 +500,16 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         out = torch.empty((4, c), device=x.device, dtype=sdt)  # grad_gamma, grad_beta, k1, k0
         if m > 0:
             w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype, tiles)  # 3x3: packed [KH, KW, K, C]
-            grid = lambda meta: (tiles * _cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
-            _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, kh * kw, FLAT_LOOP,
-                                                     _small_grid(tiles, c)),
+            grid = lambda meta: (row_tiles * _cdiv(c, meta["BLOCK_N"]), 4 if parity else 1)  # noqa: E731
+            # (The parity path has one loop form: no flat-loop candidates.)
+            _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, 1 if parity else kh * kw,
+                                                     FLAT_LOOP, _small_grid(tiles, c)),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
-                          "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1},
+                          "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity},
                          grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
                          m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
-                         INPUT_PRECISION=precision)
+                         INPUT_PRECISION=precision, PARITY=parity)
             merge_c = _pow2(c, 16, MERGE_C)
             sync = bool(global_count) and training
             _run("bn_backward_finalize_kernel", (_cdiv(c, merge_c),),

@@ -113,6 +113,21 @@ def test_both_reduction_loops_match_reference(monkeypatch, shape, stride, flat):
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
+@pytest.mark.parametrize("parity", [True, False], ids=["parity-classes", "all-taps"])
+@pytest.mark.parametrize("ksize", [3, 1])
+@pytest.mark.parametrize("shape", [(2, 6, 7, 7, 5), (3, 40, 9, 8, 36), (1, 5, 1, 6, 4), (2, 4, 6, 1, 3)],
+                         ids=["odd", "chunks", "one-row", "one-column"])
+def test_stride_2_dgrad_in_parity_classes(monkeypatch, shape, ksize, parity):
+    """The stride-2 dgrad taking input pixels in four (h, w) parity classes,
+    each visiting only its own taps, and the all-taps form it replaces, each
+    forced: odd and even sizes, channels in several chunks, one row or one
+    column of pixels (two of the classes empty)."""
+    monkeypatch.setattr(triton_launch, "DGRAD_PARITY", parity)
+    n, c, h, w, k = shape
+    inp, pad = _inputs(n, c, h, w, k, ksize, 2, REF_DTYPE, "channels_last", True)
+    _compare(inp, True, 2, pad, REF_DTYPE)
+
+
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "as-is"])
 @pytest.mark.parametrize("weight_format", LAYOUTS)
 def test_3x3_weight_packed_or_read_as_is(monkeypatch, weight_format, pack):
