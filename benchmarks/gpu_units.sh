@@ -36,6 +36,10 @@ for set in resnet164:45 resnetv2_50:60; do  # one process each: a killed one los
   step "kernel_times_${set%:*}" "${set#*:}" $PY benchmarks/kernel_times.py --providers eager_cl,triton \
     --units "${set%:*}" --steps 10 --out "$OUT/kernel_times_${set%:*}"
 done
+# The stride-2 units again with the previous dgrad (all taps, masked rows),
+# side by side with the parity-class dgrad measured above.
+step kernel_times_first_all_taps 60 env FUSED_PREACT_DGRAD_PARITY=0 $PY benchmarks/kernel_times.py \
+  --providers eager_cl,triton --only first --steps 10 --out "$OUT/kernel_times_first_all_taps"
 step graphs 50 "${BENCH[@]}" --units resnet164 --repeats 20 --warmup 3 \
   --cuda-graph --warm-workers 0 --out "$OUT/bench"
 grep -E "passed|failed|=== " "$LOG" | tail -n 12

@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--max-units", type=int, default=None, help="only the first N units of each set (smoke)")
+    parser.add_argument("--only", default=None, help="only units whose name contains one of these (comma-separated)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--from-json", default=None, metavar="PATH",
                         help="measure nothing: write OUT/kernel_times.md from a saved kernel_times.json")
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
     sets = {"resnet164": bench.resnet164_units, "resnetv2_50": bench.resnetv2_50_units}
     rows = []
     for set_name in args.units.split(","):
-        units = sets[set_name]()[: args.max_units]
+        units = [u for u in sets[set_name]() if not args.only or any(s in u.name for s in args.only.split(","))]
+        units = units[: args.max_units]
         batch = args.batch or (2 if device == "cpu" else (128 if set_name == "resnet164" else 64))
         for shape in units:
             row = {"unit": f"{shape.model} {shape.name} {shape.cin}->{shape.cout} @{shape.size}", "batch": batch,
