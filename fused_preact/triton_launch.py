@@ -491,7 +491,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         # counted for the largest one.
         parity = stride == 2 and DGRAD_PARITY
         row_tiles = _cdiv(n * _cdiv(h, 2) * _cdiv(w, 2), rows) if parity else _cdiv(m, rows)
-        tiles = 4 * row_tiles if parity else row_tiles  # partial sums: one row per (class,) row tile
+        tiles = 4 * row_tiles if parity else row_tiles  # rows of partial sums: one per (class and) row tile
         gz = torch.empty_like(x)  # keeps x's dense layout (channels_last or contiguous)
         if gz.stride() != x.stride():
             x = x.contiguous(memory_format=_format_of(gz))
