@@ -40,6 +40,9 @@ done
 # side by side with the parity-class dgrad measured above.
 step kernel_times_first_all_taps 60 env FUSED_PREACT_DGRAD_PARITY=0 $PY benchmarks/kernel_times.py \
   --providers eager_cl,triton --only first --steps 10 --out "$OUT/kernel_times_first_all_taps"
+# Host time per step on this machine (tiny CUDA tensors, real launches) and
+# where the Triton path's goes (cProfile).
+step host_overhead 60 $PY benchmarks/host_overhead.py --cuda --repeats 200 --cprofile "$OUT/host_profile.txt"
 step graphs 50 "${BENCH[@]}" --units resnet164 --repeats 20 --warmup 3 \
   --cuda-graph --warm-workers 0 --out "$OUT/bench"
 grep -E "passed|failed|=== " "$LOG" | tail -n 12
