@@ -102,7 +102,11 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     (the full-width tiles would not give every SM two programs, as in the
     deep stages: ResNet-164's third stage at batch 128 makes 64 programs of
     128 x 64) adds half-width tiles (BLOCK_N / 2: twice the programs, each
-    activation tile loaded by two of them) as candidates.
+    activation tile loaded by two of them) as candidates; so does a
+    reduction of at most 64 (the 1x1 units' dgrad/forward with 16-64 input
+    channels: one or two MMA steps, then an epilogue that moves the whole
+    tile, which smaller programs, more of them per SM, may overlap better --
+    the ResNet-164 64->16 dgrad ran at 4x its memory floor on the H200).
     fp64 (no tensor cores; for checks) gets narrow tiles that fit shared memory."""
     if fp64:
         return [triton.Config({"BLOCK_M": rows_block, "BLOCK_N": _pow2(n_cols, 16, 32), "BLOCK_K": 16,
@@ -118,7 +122,7 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         if bk not in [c.kwargs["BLOCK_K"] for c in configs]:
             configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                                           "FLAT": False}, num_warps=warps, num_stages=stages))
-    if small_grid and bn >= 32:
+    if (small_grid or n_red * taps <= 64) and bn >= 32:
         half, bk = bn // 2, configs[0].kwargs["BLOCK_K"]
         configs.append(triton.Config({**configs[0].kwargs, "BLOCK_N": half},
                                      num_warps=8 if half + bk >= 80 else 4, num_stages=configs[0].num_stages))
