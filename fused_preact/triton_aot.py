@@ -99,9 +99,11 @@ def _resources(cubin: bytes, tool: str) -> tuple[int, int]:
 def _variants(kernel: str, dtype: str):
     """(variant label, constexprs without the block config, pointer dtype
     overrides) the launchers use. The forward and dgrad read a 1x1 weight in
-    nn.Conv2d's layout and dtype (C contiguous; fp32 under autocast) and a
-    larger one packed in the data dtype (K contiguous for the forward, C for
-    dgrad: ``triton_launch._gemm_weight``)."""
+    nn.Conv2d's layout and dtype (C contiguous; fp32 under autocast), a
+    small 3x3 one likewise as it is (nn.Conv2d's layout or channels_last),
+    and a larger one packed in the data dtype (K contiguous for the forward,
+    C for dgrad: ``triton_launch._gemm_weight``); the stride-2 dgrad works in
+    parity classes (PARITY)."""
     import triton.language as tl
 
     dtype = _TYPE.get(dtype, dtype)
