@@ -105,10 +105,9 @@ def main(argv=None) -> int:
     if device == "cpu" and "triton" in args.providers and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("Triton on CPU tensors needs TRITON_INTERPRET=1")
     ceilings = bench.device_ceilings(device)
-    sets = {"resnet164": bench.resnet164_units, "resnetv2_50": bench.resnetv2_50_units}
     rows = []
     for set_name in args.units.split(","):
-        units = [u for u in sets[set_name]() if not args.only or any(s in u.name for s in args.only.split(","))]
+        units = [u for u in bench.UNIT_SETS[set_name]() if not args.only or any(s in u.name for s in args.only.split(","))]
         units = units[: args.max_units]
         batch = args.batch or (2 if device == "cpu" else (128 if set_name == "resnet164" else 64))
         for shape in units:
@@ -147,21 +146,13 @@ def gemm_floors(shape, batch: int, ceilings: dict, elem: int = 2) -> dict:
     reads x, the weight (and the residual), writes y; dgrad: reads gy, the
     weight and x (ReLU mask and x-hat), writes gz; wgrad: reads x and gy,
     writes the weight gradient. Each does the forward's FLOPs."""
-    o, taps = shape.out_size(), shape.kernel ** 2
-    m_out, m_in = batch * o * o, batch * shape.size ** 2
-    flops = 2 * m_out * shape.cout * shape.cin * taps
-    x, y, w = m_in * shape.cin * elem, m_out * shape.cout * elem, shape.cout * shape.cin * taps * 4
+    o, flops = shape.out_size(), shape.flops(batch)
+    x, y = batch * shape.size ** 2 * shape.cin * elem, batch * o * o * shape.cout * elem
+    w = shape.cout * shape.cin * shape.kernel ** 2 * 4
     moved = {"conv_fwd_kernel": x + w + y + (y if shape.residual else 0),
              "conv_dgrad_kernel": y + w + 2 * x, "conv_wgrad_kernel": x + y + w}
     return {k: max(flops / ceilings["bf16_flops_per_s"], b / ceilings["copy_bytes_per_s"]) * 1e3
             for k, b in moved.items()}
-
-
-def _shape_of(unit: str):
-    """The UnitShape a row's label ("resnet164 s1.3x3 16->16 @32") names."""
-    model, name = unit.split()[:2]
-    sets = {"resnet164": bench.resnet164_units, "resnetv2_50": bench.resnetv2_50_units}
-    return next(s for s in sets[model]() if s.name == name)
 
 
 def write_report(data: dict, providers: list, out_dir: str) -> list:
@@ -192,7 +183,8 @@ def write_report(data: dict, providers: list, out_dir: str) -> list:
                   "| unit | forward | dgrad | wgrad |", "|---|---:|---:|---:|"]
         for row in rows:
             top = dict(row["triton"].get("top", []))
-            floors = gemm_floors(_shape_of(row["unit"]), row["batch"], env["ceilings"])
+            # The row's label: "resnet164 s1.3x3 16->16 @32".
+            floors = gemm_floors(bench.unit_named(*row["unit"].split()[:2]), row["batch"], env["ceilings"])
             cells = [f"{top[k] * 1e3:.1f} ({floors[k] * 1e3:.1f}, {top[k] / floors[k]:.1f}x)" if k in top else "-"
                      for k in GEMMS]
             lines.append(f"| {row['unit']} | " + " | ".join(cells) + " |")

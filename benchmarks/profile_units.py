@@ -43,20 +43,10 @@ SUMMARY_METRICS = [
 ]
 
 
-def _unit(spec: str):
-    """'resnetv2_50:s1.1x1a' -> that UnitShape."""
-    model, name = spec.split(":")
-    sets = {"resnet164": bench.resnet164_units, "resnetv2_50": bench.resnetv2_50_units}
-    matches = [u for u in sets[model]() if u.name == name]
-    if not matches:
-        raise SystemExit(f"no unit {name!r} in {model}: {[u.name for u in sets[model]()]}")
-    return matches[0]
-
-
 def profile(specs: list[str], provider: str, batch: int, dtype: torch.dtype, warmup: int) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for spec in specs:
-        shape = _unit(spec)
+        shape = bench.unit_named(*spec.split(":"))
         n = batch or (128 if shape.model == "resnet164" else 64)
         _, step = bench._unit_closures(shape, provider, n, device, dtype, rotate=2)
         for i in range(warmup):

@@ -112,6 +112,18 @@ def resnetv2_50_units() -> list[UnitShape]:
     return units
 
 
+UNIT_SETS = {"resnet164": resnet164_units, "resnetv2_50": resnetv2_50_units}
+
+
+def unit_named(model: str, name: str) -> UnitShape:
+    """The unit ``name`` ("s1.3x3") of a UNIT_SETS model."""
+    units = UNIT_SETS[model]()
+    for unit in units:
+        if unit.name == name:
+            return unit
+    raise ValueError(f"no unit {name!r} in {model}: {[u.name for u in units]}")
+
+
 # ------------------------------------------------------------------ timing
 
 

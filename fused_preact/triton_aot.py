@@ -186,8 +186,8 @@ def _jobs(dtypes, all_configs: bool) -> list[tuple]:
                 # _variants yields the 3x3/s1 variants first; the last of
                 # those for conv_fwd is the one with residual and statistics.
                 # The stride-2 dgrad is another loop (parity classes): every config too.
-                heaviest = variant in ("3x3/s1", "3x3/s1+res+stats") or (kernel, variant) == ("conv_dgrad_kernel",
-                                                                                               "3x3/s2")
+                heaviest = (variant in ("3x3/s1", "3x3/s1+res+stats")
+                            or (kernel == "conv_dgrad_kernel" and variant == "3x3/s2"))
                 for j, (cfg, default) in enumerate(configs):
                     if all_configs or heaviest or j == 0:
                         jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,

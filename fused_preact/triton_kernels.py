@@ -365,12 +365,13 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
         cls = tl.program_id(1)
         ph = cls // 2
         pw = cls - ph * 2
+        images = M // (H * W)
         hc = (H - ph + 1) // 2  # rows and columns of this class
         wc = (W - pw + 1) // 2
-        rows_max = (M // (H * W)) * ((H + 1) // 2) * ((W + 1) // 2)  # the largest class, (0, 0)
+        rows_max = images * ((H + 1) // 2) * ((W + 1) // 2)  # the largest class, (0, 0)
         pid_m, pid_n = _grouped_pid(rows_max, C, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < (M // (H * W)) * hc * wc
+        mask_m = offs_m < images * hc * wc
         n, i, j = _rows_to_nhw(offs_m, tl.maximum(hc * wc, 1), tl.maximum(wc, 1))  # (an empty class: H or W 1)
         h = 2 * i + ph
         w = 2 * j + pw
