@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 4's measurement in one short GPU call (about 4–5 minutes on an H100):
+# Issue 4's measurement in one short GPU call (about 5 minutes on an H100; the steps'
+# limits add up to 505 s):
 # GPU tests of the recently changed Triton code (TESTS, a pytest -k
 # expression, autotuning on so that its trial runs are exercised too), then
 # every ResNet-164 (batch 128) and ResNet-v2-50 (batch 64) unit's training
@@ -16,7 +17,7 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_units.log
 # shellcheck source=benchmarks/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
-TESTS=${TESTS:-"column_tiles or deterministic or weights_layout"}
+TESTS=${TESTS:-"both_product_orders or epilogue_tile or another_dtype or parity_classes"}
 
 step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
   $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'; nproc"
@@ -28,7 +29,7 @@ echo "=== compile in the background (limit 120s, at +$(($(date +%s) - T0))s)" | 
 timeout --kill-after=5 120 "${BENCH[@]}" --out "$OUT/warm" --warm-workers 10 --warm-only > "$OUT/warm.log" 2>&1 &
 WARM=$!
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
-step triton_tests 120 $PY -m pytest -q -rfE $XDIST -p no:cacheprovider -p no:benchmark tests/test_triton.py -k "$TESTS"
+step triton_tests 150 $PY -m pytest -q -rfE $XDIST -p no:cacheprovider -p no:benchmark tests/test_triton.py -k "$TESTS"
 wait $WARM
 echo "=== compile: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 cat "$OUT/warm.log" >> "$LOG"; rm -rf "$OUT"/warm*
@@ -40,6 +41,12 @@ done
 # side by side with the parity-class dgrad measured above.
 step kernel_times_first_all_taps 60 env FUSED_PREACT_DGRAD_PARITY=0 $PY benchmarks/kernel_times.py \
   --providers eager_cl,triton --only first --steps 10 --out "$OUT/kernel_times_first_all_taps"
+# The two units whose 1x1 GEMMs reduce over the most channels, with their
+# fp32 weights read as they are (cast in registers, the wgmma waited for at
+# every step) instead of cast once (triton_launch.CAST_WEIGHT_REDUCTION),
+# side by side with the cast measured above (Triton only; eager is there).
+step kernel_times_1x1_uncast 60 env FUSED_PREACT_CAST_WEIGHT_REDUCTION=0 $PY benchmarks/kernel_times.py \
+  --providers triton --units resnetv2_50 --only s3.1x1a,s4.1x1a --steps 10 --out "$OUT/kernel_times_1x1_uncast"
 # Host time per step on this machine (tiny CUDA tensors, real launches) and
 # where the Triton path's goes (cProfile).
 step host_overhead 60 $PY benchmarks/host_overhead.py --cuda --repeats 200 --cprofile "$OUT/host_profile.txt"

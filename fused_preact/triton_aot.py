@@ -46,6 +46,10 @@ class Compiled:
     spill_bytes: int = -1
     shared_bytes: int = -1
     wgmma: bool = False
+    # Most wgmma groups the kernel leaves in flight at a wait (Triton's
+    # warp_group_dot_wait pendings): 0 = every MMA waited for before the
+    # next step (no overlap with the next tile's loads and math); -1 = no wgmma.
+    wgmma_pending: int = -1
     seconds: float = 0.0
     error: str = ""
 
@@ -102,8 +106,9 @@ def _variants(kernel: str, dtype: str):
     nn.Conv2d's layout and dtype (C contiguous; fp32 under autocast), a
     small 3x3 one likewise as it is (nn.Conv2d's layout or channels_last),
     and a larger one packed in the data dtype (K contiguous for the forward,
-    C for dgrad: ``triton_launch._gemm_weight``); the stride-2 dgrad works in
-    parity classes (PARITY)."""
+    C for dgrad: ``triton_launch._gemm_weight``), and a 1x1 one cast to the
+    data dtype where the reduction is long (``,w-cast``); the stride-2 dgrad
+    works in parity classes (PARITY)."""
     import triton.language as tl
 
     dtype = _TYPE.get(dtype, dtype)
@@ -114,8 +119,9 @@ def _variants(kernel: str, dtype: str):
         geometry = {"STRIDE": s, "PAD": k // 2, "KH": k, "KW": k}
         weights = [("", {}, {})]  # (label suffix, weight strides of 1, pointer dtypes)
         if kernel in ("conv_fwd_kernel", "conv_dgrad_kernel"):
-            if k == 1:  # [K, C, 1, 1] as it is
-                weights = [("", {"swc": 1, "swh": 1, "sww": 1}, {"w_ptr": param})]
+            if k == 1:  # [K, C, 1, 1] as it is, or cast to the data dtype
+                weights = [("", {"swc": 1, "swh": 1, "sww": 1}, {"w_ptr": param}),
+                           (",w-cast", {"swc": 1, "swh": 1, "sww": 1}, {})]
             else:  # packed; small ones as they are, nn.Conv2d's layout or channels_last
                 weights = [("", {"swk": 1} if kernel == "conv_fwd_kernel" else {"swc": 1}, {}),
                            (",w-nchw", {"sww": 1}, {"w_ptr": param}), (",w-nhwc", {"swc": 1}, {"w_ptr": param})]
@@ -140,8 +146,11 @@ def _configs(kernel: str, all_configs: bool):
     counts = (16, 32, 64, 128) if all_configs else MODEL_CHANNELS
     seen, defaults = {}, set()
     for cols, red in itertools.product(counts, repeat=2):
-        configs = (L._wgrad_configs(cols, red) if kernel == "conv_wgrad_kernel"
-                   else L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True))  # every candidate
+        if kernel == "conv_wgrad_kernel":
+            configs = L._wgrad_configs(cols, red)
+        else:  # every candidate: 3x3 (both loops, half-width tiles) and 1x1 (epilogue loads first)
+            configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True)
+                       + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True))
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
             seen.setdefault(key, cfg)
@@ -177,7 +186,9 @@ def _jobs(dtypes, all_configs: bool) -> list[tuple]:
     """(kernel, dtype, variant, constexprs, warps, stages, default?, pointer dtypes) to compile.
     Every config of each GEMM kernel with its heaviest variant (3x3, stride 1,
     residual and statistics epilogue), the first config with every other
-    variant; ``all_configs``: every config with every variant."""
+    variant; the configs that load the epilogue's tile first (1x1 only) with
+    the 1x1 stride-1 variants instead (with the residual, for the forward);
+    ``all_configs``: every config with every variant."""
     jobs = []
     for dtype in dtypes:
         for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"):
@@ -188,8 +199,11 @@ def _jobs(dtypes, all_configs: bool) -> list[tuple]:
                 # The stride-2 dgrad is another loop (parity classes): every config too.
                 heaviest = (variant in ("3x3/s1", "3x3/s1+res+stats")
                             or (kernel == "conv_dgrad_kernel" and variant == "3x3/s2"))
+                # (short reductions: never the cast weight, which is for long ones)
+                short = variant in ("1x1/s1", "1x1/s1+res+stats")
                 for j, (cfg, default) in enumerate(configs):
-                    if all_configs or heaviest or j == 0:
+                    first = cfg.kwargs.get("EPILOGUE_FIRST", False)
+                    if all_configs or (short if first else (heaviest or j == 0)):
                         jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,
                                      cfg.num_stages, default, pointers))
         for kernel, variant, constexprs, warps in _small_kernels(dtype):
@@ -207,7 +221,7 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
     kernel, dtype, variant, constexprs, warps, stages, default, pointers = job
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     fn = getattr(K, kernel)
-    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "FLAT")))
+    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "FLAT", "CHANNEL_ROWS", "EPILOGUE")))
     rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}", default)
     t0 = time.time()
     try:
@@ -218,6 +232,8 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
         rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"], tool)
         rec.shared_bytes = int(compiled.metadata.shared)
         rec.wgmma = "wgmma" in compiled.asm.get("ptx", "")
+        pendings = [int(p) for p in re.findall(r"pendings = (\d+)", compiled.asm.get("ttgir", ""))]
+        rec.wgmma_pending = max(pendings) if pendings and rec.wgmma else -1
     except Exception as exc:  # noqa: BLE001  (reported, and the exit status says so)
         rec.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     rec.seconds = time.time() - t0
@@ -283,9 +299,11 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
-    # Compact summary: per kernel/arch/dtype, the worst registers/spills/shared.
+    # Compact summary: per kernel/arch/dtype, the worst registers/spills/shared;
+    # wgmma: compiles that use it, sync: those of them that wait for every
+    # wgmma before the next step (wgmma_pending 0; which ones: --json).
     print(f"{'kernel':30} {'arch':>4} {'dtype':>9} {'n':>4} {'max REG':>7} {'spilling':>8} "
-          f"{'max smem':>8} {'wgmma':>6} {'s':>6}")
+          f"{'max smem':>8} {'wgmma':>6} {'sync':>5} {'s':>6}")
     key = lambda r: (r.kernel, r.arch, r.dtype)  # noqa: E731
     for (kernel, arch, dtype), group in itertools.groupby(sorted(results, key=key), key=key):
         group = [r for r in group if not r.error]
@@ -293,7 +311,8 @@ def main(argv=None) -> int:
             continue
         print(f"{kernel:30} {arch:>4} {dtype:>9} {len(group):>4} {max(r.registers for r in group):>7} "
               f"{sum(r.spill_bytes > 0 for r in group):>8} {max(r.shared_bytes for r in group):>8} "
-              f"{sum(r.wgmma for r in group):>6} {sum(r.seconds for r in group):>6.1f}")
+              f"{sum(r.wgmma for r in group):>6} {sum(r.wgmma_pending == 0 for r in group):>5} "
+              f"{sum(r.seconds for r in group):>6.1f}")
     bad = problems(results)
     for line in bad:
         print("PROBLEM:", line)

@@ -259,7 +259,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
                     HAS_RESIDUAL: tl.constexpr, EMIT_STATS: tl.constexpr, IS_FP64: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    FLAT: tl.constexpr):
+                    FLAT: tl.constexpr, EPILOGUE_FIRST: tl.constexpr = False):
     """Implicit-GEMM forward: rows = output pixels (M = N*OH*OW), columns =
     output channels (K), reduction = KH*KW taps x C input channels. The
     weight [K, C, KH, KW] is read through its strides (sw*): nn.Conv2d's own
@@ -271,7 +271,12 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
     pipeliner can prefetch across taps (num_stages). With C in one chunk
     (ResNet-164's 16-64 channels) the unrolled form waits for each tap's
     loads in turn; the flat one recomputes the tap's row offsets per chunk.
-    Both are autotuning candidates for KH*KW > 1."""
+    Both are autotuning candidates for KH*KW > 1.
+
+    EPILOGUE_FIRST (with a residual): the residual tile is loaded before the
+    reduction loop, so that its latency overlaps the loop's instead of
+    following it: for short reductions (one or two steps, as in ResNet-164's
+    1x1 units), where the epilogue's loads are a good part of the kernel."""
     pid_m, pid_n = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -279,6 +284,10 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
     mask_m = offs_m < M
     mask_n = offs_n < K
     n, oh, ow = _rows_to_nhw(offs_m, OH * OW, OW)
+    mask = mask_m[:, None] & mask_n[None, :]
+    col = offs_n.to(tl.int64)[None, :]
+    if HAS_RESIDUAL and EPILOGUE_FIRST:
+        res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + col * src, mask=mask, other=0.0)
     if IS_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
@@ -306,10 +315,9 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
                                    c0 + tl.arange(0, BLOCK_K), offs_n, mask_n, C, sxc, swc, swk, DOT_DTYPE, IS_FP64,
                                    INPUT_PRECISION)
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    col = offs_n.to(tl.int64)[None, :]
     if HAS_RESIDUAL:
-        res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + col * src, mask=mask, other=0.0)
+        if not EPILOGUE_FIRST:
+            res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + col * src, mask=mask, other=0.0)
         acc += res.to(acc.dtype)
     out = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + col * syc, out, mask=mask)
@@ -344,7 +352,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      FLAT: tl.constexpr, PARITY: tl.constexpr = False):
+                      FLAT: tl.constexpr, PARITY: tl.constexpr = False, EPILOGUE_FIRST: tl.constexpr = False):
     """ga[n, h, w, c] = sum over taps and output channels of gy * W: rows =
     input pixels (M = N*H*W), columns = input channels C, reduction = taps x
     K. A tap reaches output pixel ((h + PAD - kh)/STRIDE, ...) when that is an
@@ -360,7 +368,10 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     visiting all 9 taps with masked rows.
     Epilogue: gz = ga * [x*scale + shift > 0] stored in x's layout, and
     per-tile sums of gz and gz*xhat for the gamma/beta gradients (tile rows
-    [class * row tiles + row tile] with PARITY)."""
+    [class * row tiles + row tile] with PARITY). EPILOGUE_FIRST: x's tile is
+    loaded before the reduction loop (as in conv_fwd_kernel): the 1x1a
+    units' dgrads reduce over 16-64 channels in one or two steps, then read
+    and write tiles of 64-256 channels."""
     if PARITY:
         cls = tl.program_id(1)
         ph = cls // 2
@@ -384,6 +395,10 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
         tile = pid_m
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C
+    mask = mask_m[:, None] & mask_n[None, :]
+    x_offs = (n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] + offs_n.to(tl.int64)[None, :] * sxc
+    if EPILOGUE_FIRST:
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
     if IS_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
@@ -437,9 +452,9 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                     acc = _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_tap, k0 + tl.arange(0, BLOCK_K), offs_n,
                                      mask_n, K, sgc, swk, swc, DOT_DTYPE, INPUT_PRECISION)
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    x_offs = (n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] + offs_n.to(tl.int64)[None, :] * sxc
-    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(acc.dtype)
+    if not EPILOGUE_FIRST:
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+    x = x.to(acc.dtype)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)
     mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
@@ -486,7 +501,8 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                       sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sps, spk, spc, sph, spw,
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      CHANNEL_ROWS: tl.constexpr = False):
     """Split-K weight gradient: program (tap, K tile, C tile, split) computes
     gy[rows, K]^T a[rows, C] over its share of the M = N*OH*OW output pixels,
     with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
@@ -494,7 +510,17 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     (sp*: each split in the weight's own layout, contiguous or channels_last,
     so the gradient needs no layout copy; with one split, the gradient itself
     in the weight's dtype); the launcher sums splits.
-    Here BLOCK_M is the reduction step, BLOCK_N tiles K, BLOCK_K tiles C."""
+    Here BLOCK_M is the reduction step, BLOCK_N tiles K, BLOCK_K tiles C.
+
+    CHANNEL_ROWS: the product taken transposed, a^T gy = [C, K] tiles, so
+    that the activation, computed in registers, is the MMA's left operand,
+    which Hopper's wgmma reads from registers, and gy streams through shared
+    memory. In the other order the activation must be stored to shared
+    memory for every step, and Triton 3.6 then waits for each wgmma before
+    the next step (no MMA overlaps the next tile's loads and activation);
+    transposed, it keeps up to 3-7 of them in flight (triton_aot's
+    ``wgmma_pending``). An autotuning candidate where the C tile is at least
+    64 (wgmma's rows)."""
     pid_tap = tl.program_id(0)
     pid_kc = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -508,10 +534,12 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     mask_k = offs_k < K
     chunks = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(chunks, SPLIT)
-    if IS_FP64:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
+    if CHANNEL_ROWS:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if IS_FP64:
+        acc = acc.to(tl.float64)
     for i in range(0, per_split):
         offs_m = (pid_s * per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -523,6 +551,15 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
         row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         row_base = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64)
-        acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION)
-    out = part_ptr + pid_s * sps + offs_k[:, None] * spk + offs_c[None, :] * spc + kh * sph + kw * spw
-    tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask_k[:, None] & (offs_c < C)[None, :])
+        if CHANNEL_ROWS:
+            acc = tl.dot(tl.trans(a), g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION)
+    out = part_ptr + pid_s * sps + kh * sph + kw * spw
+    mask_c = offs_c < C
+    if CHANNEL_ROWS:
+        tl.store(out + offs_c[:, None] * spc + offs_k[None, :] * spk, acc.to(part_ptr.dtype.element_ty),
+                 mask=mask_c[:, None] & mask_k[None, :])
+    else:
+        tl.store(out + offs_k[:, None] * spk + offs_c[None, :] * spc, acc.to(part_ptr.dtype.element_ty),
+                 mask=mask_k[:, None] & mask_c[None, :])

@@ -91,7 +91,8 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, taps: int = 1,
-                  flat: Optional[bool] = None, small_grid: bool = False) -> list[triton.Config]:
+                  flat: Optional[bool] = None, small_grid: bool = False, epilogue_tile: bool = False,
+                  epilogue_first: Optional[bool] = None) -> list[triton.Config]:
     """Forward/dgrad: the tile spans the output channels (up to 128); eight
     warps for wide tiles, where the transformed A tile and the accumulator
     would otherwise exceed the register file (measured with triton_aot).
@@ -107,10 +108,15 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     channels: one or two MMA steps, then an epilogue that moves the whole
     tile, which smaller programs, more of them per SM, may overlap better --
     the ResNet-164 64->16 dgrad ran at 4x its memory floor on the H200).
+    ``epilogue_tile`` (a 1x1 kernel whose epilogue loads a tile: x in
+    dgrad, the residual in the forward) with such a short reduction adds
+    each config with that load issued first (EPILOGUE_FIRST), after the others;
+    ``epilogue_first`` True/False keeps only that form (EPILOGUE_FIRST_LOAD).
     fp64 (no tensor cores; for checks) gets narrow tiles that fit shared memory."""
     if fp64:
         return [triton.Config({"BLOCK_M": rows_block, "BLOCK_N": _pow2(n_cols, 16, 32), "BLOCK_K": 16,
-                               "GROUP_M": 8, "FLAT": False}, num_warps=4, num_stages=2)]
+                               "GROUP_M": 8, "FLAT": False, "EPILOGUE_FIRST": bool(epilogue_first)},
+                              num_warps=4, num_stages=2)]
     bn = _pow2(n_cols, 16, 128)
     configs = []
     for bk, stages in ((_pow2(n_red, 16, 64), 3), (_pow2(n_red, 16, 32), 4)):
@@ -131,6 +137,11 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
                     for c in configs]
         if flat is not None:
             configs = [c for c in configs if c.kwargs["FLAT"] == flat]
+    orders = (False, True) if epilogue_tile and n_red * taps <= 64 else (False,)
+    if epilogue_first is not None:
+        orders = (epilogue_first,)
+    configs = [triton.Config({**c.kwargs, "EPILOGUE_FIRST": first}, num_warps=c.num_warps, num_stages=c.num_stages)
+               for first in orders for c in configs]
     return configs[:1] if not AUTOTUNE else configs
 
 
@@ -143,13 +154,23 @@ def _small_grid(row_tiles: int, cols: int) -> bool:
     return row_tiles * _cdiv(cols, _pow2(cols, 16, 128)) < FILL_PROGRAMS
 
 
-def _wgrad_configs(k: int, c: int, fp64: bool = False) -> list[triton.Config]:
+def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bool] = None) -> list[triton.Config]:
+    """Weight-gradient tiles: K up to 128 by C up to 64, 64 or 128 rows a
+    step. Where the C tile is 64 (wgmma's rows) each also comes transposed
+    (CHANNEL_ROWS, see conv_wgrad_kernel: the activation as the register
+    operand, so Triton keeps wgmmas in flight), after the plain ones, so
+    FUSED_PREACT_TRITON_AUTOTUNE=0 keeps the plain order; ``channel_rows``
+    True/False keeps only that order (WGRAD_CHANNEL_ROWS)."""
     if fp64:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
-                              num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
+                               "CHANNEL_ROWS": bool(channel_rows)}, num_warps=4, num_stages=2)]
     bn, bk = _pow2(k, 16, 128), _pow2(c, 16, 64)
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=3)
-               for bm, warps in ((64, 4), (128, 8))]
+    orders = (False, True) if bk >= 64 else (False,)
+    if channel_rows is not None:
+        orders = (channel_rows,)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "CHANNEL_ROWS": rows},
+                             num_warps=warps, num_stages=3)
+               for rows in orders for bm, warps in ((64, 4), (128, 8))]
     return configs[:1] if not AUTOTUNE else configs
 
 
@@ -182,9 +203,18 @@ DGRAD_PARITY = os.environ.get("FUSED_PREACT_DGRAD_PARITY", "1") != "0"
 # ResNet-164's first stage at batch 128 has 1024 tiles of 128 rows, 4 steps
 # of 256 (16 of 64 before) and 4 programs for its 64 channels (1 before).
 MERGE_T, MERGE_C = (32, 64) if INTERPRET else (256, 16)
+# The forward/dgrad epilogue's tile load (residual, x) issued before the
+# reduction loop (EPILOGUE_FIRST in the kernels): None = both autotuned for
+# short reductions (GPU; after the loop under the interpreter), True/False =
+# only that form (the tests run both).
+EPILOGUE_FIRST_LOAD: Optional[bool] = None
 # Splits of the weight-gradient reduction over rows: None = enough programs
 # to fill a GPU (one under the interpreter); a number forces it (tests).
 WGRAD_SPLIT: Optional[int] = None
+# The weight gradient's product order (conv_wgrad_kernel's CHANNEL_ROWS):
+# None = both autotuned where the C tile is 64 (GPU; plain under the
+# interpreter), True/False = only that one (the tests run both).
+WGRAD_CHANNEL_ROWS: Optional[bool] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -414,17 +444,30 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
 # channel strides of 9 in nn.Conv2d's layout, from L2. ResNet-164's 3x3
 # layers at batch 128: 9.4 MB; ResNet-v2-50's first 3x3 at batch 64: 231 MB.
 SMALL_WEIGHT_READS = 32 << 20
+# A 1x1 weight in another dtype than the activations (fp32 parameters under
+# autocast) is cast to theirs once per GEMM where the GEMM reduces over at
+# least this many channels (0: never). Read as it is, the weight tile is
+# cast in registers and stored to shared memory at every step, and Triton
+# 3.6 then waits for each wgmma before the next step; in the activations'
+# dtype it streams into shared memory and the wgmmas overlap
+# (triton_aot's wgmma_pending). From 256 channels (4+ steps of 64) the
+# overlap should pay for the cast's launch.
+CAST_WEIGHT_REDUCTION = int(os.environ.get("FUSED_PREACT_CAST_WEIGHT_REDUCTION", "256"))
 
 
-def _gemm_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype, row_tiles: int) -> Tensor:
+def _gemm_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype, row_tiles: int,
+                 reduction: int) -> Tensor:
     """The conv weight as a GEMM kernel reads it: a [K, C, KH, KW] view whose
     strides it follows. A 1x1 weight as it is (C contiguous in nn.Conv2d's
-    layout, read in its own dtype and cast in the kernel: no launch), and so
-    a small 3x3 one (SMALL_WEIGHT_READS); a larger one packed in ``dtype``
-    with its axes in memory in ``order`` (K or C innermost, so that each
-    tap's [C, K] block is dense): one copy kernel that also does autocast's
-    cast."""
+    layout, read in its own dtype and cast in the kernel: no launch), or
+    cast to ``dtype`` where the GEMM's ``reduction`` (channels summed over)
+    reaches CAST_WEIGHT_REDUCTION; a small 3x3 one as it is
+    (SMALL_WEIGHT_READS); a larger one packed in ``dtype`` with its axes in
+    memory in ``order`` (K or C innermost, so that each tap's [C, K] block
+    is dense): one copy kernel that also does autocast's cast."""
     if weight.shape[2] == 1 and weight.shape[3] == 1:
+        if weight.dtype != dtype and 0 < CAST_WEIGHT_REDUCTION <= reduction:
+            return weight.to(dtype)  # keeps the weight's strides
         return weight
     if weight.numel() * weight.element_size() * row_tiles <= SMALL_WEIGHT_READS:
         return weight  # read as it is: cheaper than a copy kernel
@@ -455,13 +498,15 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     stats = torch.empty((2, tiles, k_out), device=x.device, dtype=stats_dtype(x)) if emit_stats else None
     mean_part, m2_part = (stats[0], stats[1]) if emit_stats else (y, y)
     if m > 0:
-        w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype, tiles)  # 3x3: packed [KH, KW, C, K]
+        w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype, tiles, c)  # 3x3: packed [KH, KW, C, K]
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
-                                               _small_grid(tiles, k_out)),
+                                               _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
+                                               EPILOGUE_FIRST_LOAD),
                      {"BLOCK_M": rows, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 16),
-                      "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1},
+                      "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1,
+                      "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD)},
                      x, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
                      *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
                      KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
@@ -503,13 +548,15 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         part_gz_xhat = torch.empty_like(part_gz)
         out = torch.empty((4, c), device=x.device, dtype=sdt)  # grad_gamma, grad_beta, k1, k0
         if m > 0:
-            w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype, tiles)  # 3x3: packed [KH, KW, K, C]
+            w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype, tiles, k_out)  # 3x3: packed [KH, KW, K, C]
             grid = lambda meta: (row_tiles * _cdiv(c, meta["BLOCK_N"]), 4 if parity else 1)  # noqa: E731
             # (The parity path has one loop form: no flat-loop candidates.)
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, 1 if parity else kh * kw,
-                                                     FLAT_LOOP, _small_grid(tiles, c)),
+                                                     FLAT_LOOP, _small_grid(tiles, c), kh * kw == 1,
+                                                     EPILOGUE_FIRST_LOAD),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
-                          "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity},
+                          "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity,
+                          "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD)},
                          grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
                          m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
@@ -546,8 +593,9 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         if m > 0:
             grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
                                  split)
-            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64),
-                         {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32)},
+            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64, WGRAD_CHANNEL_ROWS),
+                         {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
+                          "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS)},
                          x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
                          *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
                          KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fused_preact
 from fused_preact import functional
@@ -149,6 +150,71 @@ def test_3x3_weight_packed_or_read_as_is(monkeypatch, weight_format, pack):
     inp["weight"] = inp["weight"].contiguous(memory_format=LAYOUTS[weight_format])
     _compare(inp, True, 1, pad, REF_DTYPE)
     assert seen and all(as_is != pack for as_is in seen)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["epilogue-first", "epilogue-last"])
+@pytest.mark.parametrize("ksize, stride", [(1, 1), (1, 2), (3, 2)])
+def test_epilogue_tile_loaded_before_or_after_the_loop(monkeypatch, ksize, stride, first):
+    """The forward's residual tile and the dgrad's x tile, loaded before the
+    reduction loop (EPILOGUE_FIRST: an autotuning candidate for short
+    reductions) or after it, each forced; channels in several tiles."""
+    monkeypatch.setattr(triton_launch, "EPILOGUE_FIRST_LOAD", first)
+    inp, pad = _inputs(2, 40, 7, 6, 36, ksize, stride, REF_DTYPE, "channels_last", True)
+    _compare(inp, True, stride, pad, REF_DTYPE)
+
+
+@pytest.mark.parametrize("channel_rows", [True, False], ids=["a^T.gy", "gy^T.a"])
+@pytest.mark.parametrize("weight_format", LAYOUTS)
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (3, 2), (1, 1)])
+def test_weight_gradient_in_both_product_orders(monkeypatch, ksize, stride, weight_format, channel_rows):
+    """The weight gradient as [C, K] tiles of a^T gy (CHANNEL_ROWS: the
+    activation as the MMA's register operand; an autotuning candidate for
+    C tiles of 64) or [K, C] tiles of gy^T a, each forced, in three splits,
+    stored through the weight's strides (both layouts); C = 40 and K = 36
+    span two tiles of the interpreter's 32, so both masks of the transposed
+    store are exercised."""
+    monkeypatch.setattr(triton_launch, "WGRAD_CHANNEL_ROWS", channel_rows)
+    monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", 3)
+    inp, pad = _inputs(2, 40, 7, 6, 36, ksize, stride, REF_DTYPE, "channels_last", False)
+    inp["weight"] = inp["weight"].contiguous(memory_format=LAYOUTS[weight_format])
+    _compare(inp, True, stride, pad, REF_DTYPE)
+
+
+@pytest.mark.parametrize("cast", [True, False], ids=["cast", "as-is"])
+def test_1x1_weight_of_another_dtype_cast_or_read_as_is(monkeypatch, cast):
+    """Under autocast an fp32 1x1 weight meets bf16 activations: cast once
+    to their dtype where the GEMM reduces over CAST_WEIGHT_REDUCTION channels
+    or more (then the MMA streams it from shared memory), else read as it is
+    and cast as each tile is loaded; each forced. fp32 activations and an
+    fp64 weight stand in for bf16 and fp32 (the interpreter runs fp32/fp64):
+    output, input and weight gradients against autograd on the same math
+    with the weight rounded to fp32; the weight gradient in the weight's
+    dtype."""
+    monkeypatch.setattr(triton_launch, "CAST_WEIGHT_REDUCTION", 1 if cast else 0)
+    seen = []
+    original = triton_launch._gemm_weight
+
+    def recording(weight, *args):
+        w_gemm = original(weight, *args)
+        seen.append(w_gemm.dtype)
+        return w_gemm
+
+    monkeypatch.setattr(triton_launch, "_gemm_weight", recording)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 5, 6, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(36, 40, 1, 1, generator=gen, dtype=torch.float64).to(DEVICE) / 6
+    gamma, beta = torch.rand(40, device=DEVICE) + 0.5, torch.randn(40, device=DEVICE)
+    bn = triton_launch.bn_prepare(x, None, gamma, beta, None, None, True, 0.1, 1e-5)
+    y, _ = triton_launch.conv_forward(x, weight, bn, 1, 0, None, False)
+    grad_y = torch.randn(y.shape, generator=gen).to(DEVICE)
+    grad_x, grad_w, _ = triton_launch.conv_backward(grad_y, x, weight, bn, False, 1, 0, True, True)
+    assert seen == [torch.float32 if cast else torch.float64] * 2
+    xr, wr = x.detach().clone().requires_grad_(), weight.float().requires_grad_()
+    yr = F.conv2d(torch.relu(xr * bn[2].view(1, -1, 1, 1) + bn[3].view(1, -1, 1, 1)), wr)
+    yr.backward(grad_y)
+    assert grad_w.dtype == torch.float64
+    for got, want, name in ((y, yr, "output"), (grad_x, xr.grad, "grad x"), (grad_w, wr.grad, "grad weight")):
+        assert_close(got.float(), want.detach(), torch.float32, name)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs these block sizes in every test")
