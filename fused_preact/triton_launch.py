@@ -99,6 +99,8 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     With several taps each config also comes with the flat reduction loop
     (FLAT, see conv_fwd_kernel), after the unrolled one, so the autotuner
     measures both and FUSED_PREACT_TRITON_AUTOTUNE=0 keeps the unrolled one;
+    a reduction of 512+ (taps x channels, 64+ channels) also gets 64-wide
+    steps with a 4-stage pipeline;
     ``flat`` True/False keeps only that loop form (FLAT_LOOP). ``small_grid``
     (the full-width tiles would not give every SM two programs, as in the
     deep stages: ResNet-164's third stage at batch 128 makes 64 programs of
@@ -128,6 +130,11 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         if bk not in [c.kwargs["BLOCK_K"] for c in configs]:
             configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                                           "FLAT": False}, num_warps=warps, num_stages=stages))
+    if n_red >= 64 and n_red * taps >= 512:
+        # A long reduction: steps of 64 with 3 in flight (the 32-wide, 4-stage
+        # config won most of ResNet-v2-50's 3x3 forwards on the H200, so the
+        # pipeline depth rather than the step width may be what counts).
+        configs.append(triton.Config({**configs[0].kwargs}, num_warps=configs[0].num_warps, num_stages=4))
     if (small_grid or n_red * taps <= 64) and bn >= 32:
         half, bk = bn // 2, configs[0].kwargs["BLOCK_K"]
         configs.append(triton.Config({**configs[0].kwargs, "BLOCK_N": half},
@@ -158,7 +165,9 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
     """Weight-gradient tiles: K up to 128 by C up to 64, 64 or 128 rows a
     step. Where the C tile is 64 (wgmma's rows) each also comes transposed
     (CHANNEL_ROWS, see conv_wgrad_kernel: the activation as the register
-    operand, so Triton keeps wgmmas in flight), after the plain ones, so
+    operand, so Triton keeps wgmmas in flight), and from 128 channels a
+    transposed one with 128-channel tiles (gy read once per 128 channels
+    instead of 64; half the programs), after the plain ones, so
     FUSED_PREACT_TRITON_AUTOTUNE=0 keeps the plain order; ``channel_rows``
     True/False keeps only that order (WGRAD_CHANNEL_ROWS)."""
     if fp64:
@@ -171,6 +180,9 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "CHANNEL_ROWS": rows},
                              num_warps=warps, num_stages=3)
                for rows in orders for bm, warps in ((64, 4), (128, 8))]
+    if True in orders and c >= 128:  # transposed, 128 channels a tile: wgmma's 64 rows twice over
+        configs.append(triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": 128, "CHANNEL_ROWS": True},
+                                     num_warps=8, num_stages=3))
     return configs[:1] if not AUTOTUNE else configs
 
 
@@ -223,10 +235,22 @@ def _configs_for(config_key: tuple) -> tuple:
     return tuple(_wgrad_configs(*args) if kind == "wgrad" else _gemm_configs(*args))
 
 
+# Each autotuning trial runs a config for TUNE_WARMUP_MS, then TUNE_REP_MS
+# of timed repeats (Triton's defaults: 25 and 100): the kernels here take
+# 5-250 us, so 40 ms still times hundreds of runs, and a ResNet-v2-50's
+# first step tunes ~50 kernel shapes over 2-8 configs each.
+TUNE_WARMUP_MS, TUNE_REP_MS = 10, 40
+
+
+def _trial(fn, quantiles):
+    return triton.runtime.driver.active.get_benchmarker()(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS,
+                                                          quantiles=quantiles)
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str, config_key: tuple) -> object:
-    return triton.autotune(configs=list(_configs_for(config_key)),
-                           key=["M", "C", "K", "H", "W", "OH", "OW"])(getattr(K, kernel_name))
+    return triton.autotune(configs=list(_configs_for(config_key)), key=["M", "C", "K", "H", "W", "OH", "OW"],
+                           do_bench=_trial)(getattr(K, kernel_name))
 
 
 # ---------------------------------------------------------------- launching
