@@ -72,6 +72,9 @@ def check_unit_inputs(name: str, x: Tensor, conv_weight: Tensor, bn_weight: Opti
     if not x.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point input, got {x.dtype}")
     channels = x.shape[1]
+    if channels == 0 or conv_weight.shape[0] == 0:
+        raise ValueError(f"{name}: a unit needs at least one input and one output channel, got {channels} -> "
+                         f"{conv_weight.shape[0]}")
     if conv_weight.shape[1] != channels:
         raise ValueError(f"{name}: input has {channels} channels but the convolution expects {conv_weight.shape[1]}")
     for label, t in (("BN weight", bn_weight), ("BN bias", bn_bias), ("running_mean", running_mean),

@@ -8,8 +8,11 @@ launchers use and every autotuning config they can launch with (``--all-configs`
 otherwise the configs the ResNet-164/ResNet-v2-50 channel counts pick), and
 reports registers, spilled bytes (local memory, from the ``cuobjdump`` shipped
 with Triton) and shared memory per config, and whether the GEMMs use ``wgmma``
-(sm_90). Exit status 1 when a compile fails, a default config spills on sm_90,
-or a fp16/bf16 GEMM has no wgmma on sm_90.
+(sm_90), how many wgmma groups the TTGIR leaves in flight, and whether ptxas
+serializes them anyway (its C75xx notes, from the ``ptxas`` shipped with
+Triton). Exit status 1 when a compile fails, a default config spills on
+sm_90, a fp16/bf16 GEMM has no wgmma on sm_90, or ptxas serializes a default
+config's wgmmas on sm_90.
 
 Must run with TRITON_INTERPRET unset (the kernels must be JIT functions).
 """
@@ -50,6 +53,10 @@ class Compiled:
     # warp_group_dot_wait pendings): 0 = every MMA waited for before the
     # next step (no overlap with the next tile's loads and math); -1 = no wgmma.
     wgmma_pending: int = -1
+    # Why ptxas serializes the kernel's wgmmas despite those pendings (its
+    # C75xx "Potential Performance Loss" note), or "": every wgmma then waits
+    # for the previous one, whatever the TTGIR says.
+    serialized: str = ""
     seconds: float = 0.0
     error: str = ""
 
@@ -87,6 +94,22 @@ def _specialize(fn, dtype: str, constexprs: dict, pointer_dtypes: Optional[dict]
             if name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs, consts
+
+
+def _serialized(ptx: str, arch: int) -> str:
+    """ptxas's reason for serializing the wgmmas of ``ptx`` (compiled again
+    with the ptxas Triton ships, -v; Triton's own compile drops its notes), or ""."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    note = re.search(r"wgmma\.mma_async instructions are serialized due to (.*?) in the function", out.stdout + out.stderr)
+    return note.group(1) if note else ""
 
 
 def _resources(cubin: bytes, tool: str) -> tuple[int, int]:
@@ -182,13 +205,15 @@ def _small_kernels(dtype: str):
                 "HAS_BETA": True, **merge, "IS_FP64": fp64}, 4)
 
 
-def _jobs(dtypes, all_configs: bool) -> list[tuple]:
+def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
     """(kernel, dtype, variant, constexprs, warps, stages, default?, pointer dtypes) to compile.
-    Every config of each GEMM kernel with its heaviest variant (3x3, stride 1,
-    residual and statistics epilogue), the first config with every other
+    Every config of each GEMM kernel with its heaviest variants (3x3, stride 1,
+    residual and statistics epilogue; 1x1 with a cast weight, the long
+    reductions; the stride-2 dgrad's parity classes), the first config with every other
     variant; the configs that load the epilogue's tile first (1x1 only) with
     the 1x1 stride-1 variants instead (with the residual, for the forward);
-    ``all_configs``: every config with every variant."""
+    ``first_only``: the first config of each variant; ``all_configs``:
+    every config with every variant."""
     jobs = []
     for dtype in dtypes:
         for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"):
@@ -197,13 +222,13 @@ def _jobs(dtypes, all_configs: bool) -> list[tuple]:
                 # _variants yields the 3x3/s1 variants first; the last of
                 # those for conv_fwd is the one with residual and statistics.
                 # The stride-2 dgrad is another loop (parity classes): every config too.
-                heaviest = (variant in ("3x3/s1", "3x3/s1+res+stats")
+                heaviest = (variant in ("3x3/s1", "3x3/s1+res+stats", "1x1/s1,w-cast", "1x1/s1+res+stats,w-cast")
                             or (kernel == "conv_dgrad_kernel" and variant == "3x3/s2"))
                 # (short reductions: never the cast weight, which is for long ones)
                 short = variant in ("1x1/s1", "1x1/s1+res+stats")
                 for j, (cfg, default) in enumerate(configs):
                     first = cfg.kwargs.get("EPILOGUE_FIRST", False)
-                    if all_configs or (short if first else (heaviest or j == 0)):
+                    if all_configs or j == 0 or (not first_only and (short if first else heaviest)):
                         jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,
                                      cfg.num_stages, default, pointers))
         for kernel, variant, constexprs, warps in _small_kernels(dtype):
@@ -234,6 +259,8 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
         rec.wgmma = "wgmma" in compiled.asm.get("ptx", "")
         pendings = [int(p) for p in re.findall(r"pendings = (\d+)", compiled.asm.get("ttgir", ""))]
         rec.wgmma_pending = max(pendings) if pendings and rec.wgmma else -1
+        if rec.wgmma and arch >= 90:
+            rec.serialized = _serialized(compiled.asm["ptx"], arch)
     except Exception as exc:  # noqa: BLE001  (reported, and the exit status says so)
         rec.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     rec.seconds = time.time() - t0
@@ -246,7 +273,9 @@ def compile_all(archs, dtypes, all_configs: bool, jobs: int = 1, progress: bool 
 
     from tqdm import tqdm
 
-    work = [(arch, job) for arch in archs for job in _jobs(dtypes, all_configs)]
+    # Before sm_90 (no wgmma, no spill check) the first config of each variant
+    # is compiled, as a check that the kernels build there (sm_80).
+    work = [(arch, job) for arch in archs for job in _jobs(dtypes, all_configs, first_only=arch < 90)]
     results = []
     with tqdm(total=len(work), desc="AOT compile", disable=not progress) as bar:
         if jobs <= 1:
@@ -279,6 +308,8 @@ def problems(results: list[Compiled]) -> list[str]:
         elif (r.arch == 90 and r.dtype in ("float16", "bfloat16") and r.kernel.startswith("conv_")
               and _mma_rows(r) >= 64 and not r.wgmma):
             out.append(f"no wgmma: {where}")
+        elif r.arch >= 90 and r.default and r.serialized:
+            out.append(f"ptxas serializes the wgmmas ({r.serialized}): {where}")
     return out
 
 
@@ -300,10 +331,11 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
     # Compact summary: per kernel/arch/dtype, the worst registers/spills/shared;
-    # wgmma: compiles that use it, sync: those of them that wait for every
-    # wgmma before the next step (wgmma_pending 0; which ones: --json).
+    # wgmma: compiles that use it; sync: those of them whose TTGIR waits for
+    # every wgmma before the next step (wgmma_pending 0); ser: those whose
+    # wgmmas ptxas serializes (which ones, and why: --json).
     print(f"{'kernel':30} {'arch':>4} {'dtype':>9} {'n':>4} {'max REG':>7} {'spilling':>8} "
-          f"{'max smem':>8} {'wgmma':>6} {'sync':>5} {'s':>6}")
+          f"{'max smem':>8} {'wgmma':>6} {'sync':>5} {'ser':>4} {'s':>6}")
     key = lambda r: (r.kernel, r.arch, r.dtype)  # noqa: E731
     for (kernel, arch, dtype), group in itertools.groupby(sorted(results, key=key), key=key):
         group = [r for r in group if not r.error]
@@ -312,7 +344,7 @@ def main(argv=None) -> int:
         print(f"{kernel:30} {arch:>4} {dtype:>9} {len(group):>4} {max(r.registers for r in group):>7} "
               f"{sum(r.spill_bytes > 0 for r in group):>8} {max(r.shared_bytes for r in group):>8} "
               f"{sum(r.wgmma for r in group):>6} {sum(r.wgmma_pending == 0 for r in group):>5} "
-              f"{sum(r.seconds for r in group):>6.1f}")
+              f"{sum(bool(r.serialized) for r in group):>4} {sum(r.seconds for r in group):>6.1f}")
     bad = problems(results)
     for line in bad:
         print("PROBLEM:", line)

@@ -292,8 +292,16 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The reduction loop runs at least once (the launchers check C > 0).
+    # Told so, the compiler drops the path that skips it, on which the
+    # accumulator reaching the epilogue is set by a plain move instead of a
+    # wgmma: with that path ptxas serializes every wgmma of the loop (its
+    # note C7515; triton_aot reports it as ``serialized``). Not told for the
+    # unrolled 3x3 loops, where it makes ptxas serialize them instead
+    # (registers of a wgmma's A operand redefined in flight; sm_90, triton 3.6).
     if FLAT:
         chunks = tl.cdiv(C, BLOCK_K)
+        tl.assume(KH * KW * chunks > 0)
         for it in range(0, KH * KW * chunks):
             kh, kw, offs_c = _flat_tap(it, chunks, KW, BLOCK_K)
             ih = oh * STRIDE - PAD + kh
@@ -303,6 +311,8 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
             acc = _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww, offs_c,
                            offs_n, mask_n, C, sxc, swc, swk, DOT_DTYPE, IS_FP64, INPUT_PRECISION)
     else:
+        if KH * KW == 1:
+            tl.assume(C > 0)
         for kh in tl.static_range(KH):
             ih = oh * STRIDE - PAD + kh
             for kw in tl.static_range(KW):
@@ -372,6 +382,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     loaded before the reduction loop (as in conv_fwd_kernel): the 1x1a
     units' dgrads reduce over 16-64 channels in one or two steps, then read
     and write tiles of 64-256 channels."""
+    tl.assume(K > 0)  # the reduction runs (see conv_fwd_kernel)
     if PARITY:
         cls = tl.program_id(1)
         ph = cls // 2
@@ -411,6 +422,8 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
         kw0 = (pw + PAD) % 2
         taps_w = (KW - kw0 + 1) // 2
         chunks = tl.cdiv(K, BLOCK_K)
+        if KH > 1 and KW > 1:  # every class has a tap (a 1x1's odd classes have none)
+            tl.assume((KH - kh0 + 1) // 2 * taps_w * chunks > 0)
         for it in range(0, (KH - kh0 + 1) // 2 * taps_w * chunks):
             tap = it // chunks
             kh = kh0 + 2 * (tap // taps_w)
@@ -426,6 +439,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                              DOT_DTYPE, INPUT_PRECISION)
     elif FLAT:
         chunks = tl.cdiv(K, BLOCK_K)
+        tl.assume(KH * KW * chunks > 0)
         for it in range(0, KH * KW * chunks):
             kh, kw, offs_k = _flat_tap(it, chunks, KW, BLOCK_K)
             th = h + PAD - kh
@@ -534,6 +548,8 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     mask_k = offs_k < K
     chunks = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(chunks, SPLIT)
+    if CHANNEL_ROWS:  # (wgmma pipelining, see conv_fwd_kernel; the other order waits for each wgmma anyway)
+        tl.assume(per_split > 0)
     if CHANNEL_ROWS:
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:

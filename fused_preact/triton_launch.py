@@ -503,6 +503,13 @@ def _gemm_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype, row
 # ---------------------------------------------------------------- forward
 
 
+def _check_channels(c: int, k_out: int) -> None:
+    # The GEMM kernels assume their reduction runs at least once (tl.assume,
+    # for ptxas's wgmma pipelining): never launch them without channels.
+    if c == 0 or k_out == 0:
+        raise ValueError(f"the Triton conv kernels need at least one input and one output channel, got {c} -> {k_out}")
+
+
 def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: int, residual: Optional[Tensor],
                  emit_stats: bool) -> tuple[Tensor, Optional[Tensor]]:
     """y = conv2d(relu(x*scale + shift), weight) [+ residual] in x's memory
@@ -513,6 +520,7 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     check_device(x)
     n, c, h, w = x.shape
     k_out, _, kh, kw = weight.shape
+    _check_channels(c, k_out)
     oh, ow = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
     m = n * oh * ow
     y = _like_layout((n, k_out, oh, ow), x)
@@ -551,6 +559,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
     check_device(x)
     n, c, h, w = x.shape
     k_out, _, kh, kw = weight.shape
+    _check_channels(c, k_out)
     oh, ow = grad_y.shape[2], grad_y.shape[3]
     dot_dtype, precision, is_fp64 = _dot(x.dtype)
     grad_y = grad_y.to(x.dtype)

@@ -436,6 +436,14 @@ def test_bad_input_names_the_problem():
                                   None, None, None, None, training=True, backend="triton")
     with pytest.raises(RuntimeError, match="supports float16, bfloat16, float32 and float64"):
         triton_ops.bn_stats(torch.ones(2, 3, 4, 4, dtype=torch.int32, device=DEVICE))
+    # No channels on either side: refused before any kernel (the GEMM kernels
+    # assume their reduction runs at least once), by the unit and the launcher.
+    for c, k in ((0, 4), (3, 0)):
+        x, w = torch.randn(2, c, 4, 4, device=DEVICE), torch.randn(k, c, 1, 1, device=DEVICE)
+        with pytest.raises(ValueError, match="at least one input and one output channel"):
+            functional.bn_relu_conv2d(x, w, None, None, None, None, training=False, backend="triton")
+        with pytest.raises(ValueError, match="at least one input and one output channel"):
+            triton_launch.conv_forward(x, w, torch.zeros(4, c, device=DEVICE), 1, 0, None, False)
 
 
 def test_block_outputs_carry_their_statistics_to_the_next_block():
