@@ -108,6 +108,8 @@ def _serialized(ptx: str, arch: int) -> str:
             f.write(ptx)
         out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {(out.stderr or out.stdout).strip()[:300]}")
     note = re.search(r"wgmma\.mma_async instructions are serialized due to (.*?) in the function", out.stdout + out.stderr)
     return note.group(1) if note else ""
 
@@ -322,6 +324,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write every record here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--fail-on", choices=["all", "serialized"], default="all",
+                        help="which problems set the exit status (serialized: only serialized wgmmas; the others "
+                             "are still printed)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compile needs JIT kernels", file=sys.stderr)
@@ -349,7 +354,8 @@ def main(argv=None) -> int:
     for line in bad:
         print("PROBLEM:", line)
     print(f"{len(results)} compiles, {len(bad)} problem(s)")
-    return 1 if bad else 0
+    failing = bad if args.fail_on == "all" else [line for line in bad if line.startswith("ptxas serializes")]
+    return 1 if failing else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The ahead-of-time compile's ptxas check (fused_preact/triton_aot.py:
+``_serialized``), which fails CI when ptxas serializes the wgmmas of a
+default config: ptxas runs one wgmma at a time when a register of an
+in-flight wgmma is written by another instruction before the wait (session
+6 found every flat-loop 3x3 forward in that state with triton 3.6). Two
+hand-written sm_90a kernels, the same two wgmmas with and without a move
+into an accumulator register between them: the check must report the
+first and pass the second, with the ptxas Triton ships (no GPU needed).
+"""
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fused_preact.triton_aot import _serialized  # noqa: E402
+
+
+def _two_wgmmas(redefine_accumulator: bool) -> str:
+    acc = ",".join(f"%d{i}" for i in range(4))
+    a = ",".join(f"%a{i}" for i in range(4))
+    middle = "    mov.f32 %d0, 0f3F800000;\n" if redefine_accumulator else ""
+    init = "".join(f"    mov.b32 %a{i}, 1065369472;\n    mov.f32 %d{i}, 0f00000000;\n" for i in range(4))
+    store = "".join(f"    st.global.f32 [%rd1+{4 * i}], %d{i};\n" for i in range(4))
+    return f""".version 8.0
+.target sm_90a
+.address_size 64
+
+.visible .entry k(.param .u64 out, .param .u64 desc)
+{{
+    .reg .f32 %d<4>;
+    .reg .b32 %a<4>;
+    .reg .b64 %rd<3>;
+    .reg .pred %p;
+    ld.param.u64 %rd1, [out];
+    ld.param.u64 %rd2, [desc];
+{init}    setp.ne.b64 %p, %rd2, 0;
+    wgmma.fence.sync.aligned;
+    wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {{{acc}}}, {{{a}}}, %rd2, %p, 1, 1, 0;
+    wgmma.commit_group.sync.aligned;
+{middle}    wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {{{acc}}}, {{{a}}}, %rd2, 1, 1, 1, 0;
+    wgmma.commit_group.sync.aligned;
+    wgmma.wait_group.sync.aligned 0;
+{store}    ret;
+}}
+"""
+
+
+def test_ptxas_check_reports_serialized_wgmmas():
+    assert "serialized" not in _serialized(_two_wgmmas(True), 90)  # the reason, without ptxas's preamble
+    assert _serialized(_two_wgmmas(True), 90), "a register redefined between wgmmas must be reported"
+    assert _serialized(_two_wgmmas(False), 90) == ""
