@@ -288,8 +288,9 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
     n, oh, ow = _rows_to_nhw(offs_m, OH * OW, OW)
     mask = mask_m[:, None] & mask_n[None, :]
     col = offs_n.to(tl.int64)[None, :]
+    res_ptrs = res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + col * src
     if HAS_RESIDUAL and EPILOGUE_FIRST:
-        res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + col * src, mask=mask, other=0.0)
+        res = tl.load(res_ptrs, mask=mask, other=0.0)
     if IS_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
@@ -329,7 +330,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
 
     if HAS_RESIDUAL:
         if not EPILOGUE_FIRST:
-            res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + col * src, mask=mask, other=0.0)
+            res = tl.load(res_ptrs, mask=mask, other=0.0)
         acc += res.to(acc.dtype)
     out = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + col * syc, out, mask=mask)
@@ -550,9 +551,8 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     mask_k = offs_k < K
     chunks = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(chunks, SPLIT)
-    if CHANNEL_ROWS:  # (wgmma pipelining, see conv_fwd_kernel; the other order waits for each wgmma anyway)
-        tl.assume(per_split > 0)
     if CHANNEL_ROWS:
+        tl.assume(per_split > 0)  # (wgmma pipelining, see conv_fwd_kernel; the other order waits for each anyway)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)

@@ -90,6 +90,16 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 # units, up to 128/64 for ResNet-v2-50's).
 
 
+def _forms(offered: bool, forced: Optional[bool]) -> tuple[bool, ...]:
+    """The values an on/off kernel form (EPILOGUE_FIRST, CHANNEL_ROWS) takes
+    among the autotuning candidates: both where it is offered, off first (so
+    FUSED_PREACT_TRITON_AUTOTUNE=0 keeps it off), else off; ``forced``
+    True/False: only that one."""
+    if forced is not None:
+        return (forced,)
+    return (False, True) if offered else (False,)
+
+
 def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, taps: int = 1,
                   flat: Optional[bool] = None, small_grid: bool = False, epilogue_tile: bool = False,
                   epilogue_first: Optional[bool] = None) -> list[triton.Config]:
@@ -144,11 +154,8 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
                     for c in configs]
         if flat is not None:
             configs = [c for c in configs if c.kwargs["FLAT"] == flat]
-    orders = (False, True) if epilogue_tile and n_red * taps <= 64 else (False,)
-    if epilogue_first is not None:
-        orders = (epilogue_first,)
     configs = [triton.Config({**c.kwargs, "EPILOGUE_FIRST": first}, num_warps=c.num_warps, num_stages=c.num_stages)
-               for first in orders for c in configs]
+               for first in _forms(epilogue_tile and n_red * taps <= 64, epilogue_first) for c in configs]
     return configs[:1] if not AUTOTUNE else configs
 
 
@@ -174,9 +181,7 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
                                "CHANNEL_ROWS": bool(channel_rows)}, num_warps=4, num_stages=2)]
     bn, bk = _pow2(k, 16, 128), _pow2(c, 16, 64)
-    orders = (False, True) if bk >= 64 else (False,)
-    if channel_rows is not None:
-        orders = (channel_rows,)
+    orders = _forms(bk >= 64, channel_rows)
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "CHANNEL_ROWS": rows},
                              num_warps=warps, num_stages=3)
                for rows in orders for bm, warps in ((64, 4), (128, 8))]
