@@ -347,6 +347,31 @@ def test_gradcheck_float64(training, ksize, stride):
     assert torch.autograd.gradcheck(unit, (x, w, g, b), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
+                    "gradcheck runs under the interpreter (CI)")
+@pytest.mark.parametrize("ksize, stride", [(3, 2), (1, 1)])
+def test_gradcheck_float64_alternative_forms(monkeypatch, ksize, stride):
+    """gradcheck with the autotuning forms the GPU may pick instead of the
+    interpreter's defaults: the epilogue's tile (x, the residual) loaded
+    before the reduction loop and the weight gradient taken transposed, in
+    two splits; residual gradient included."""
+    monkeypatch.setattr(triton_launch, "EPILOGUE_FIRST_LOAD", True)
+    monkeypatch.setattr(triton_launch, "WGRAD_CHANNEL_ROWS", True)
+    monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", 2)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 2, ksize, ksize, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    g = (torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    oh = (3 + 2 * (ksize // 2) - ksize) // stride + 1
+    r = torch.randn(2, 2, oh, oh, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def unit(x, w, g, b, r):
+        return functional.bn_relu_conv2d(x, w, g, b, None, None, training=True, stride=stride,
+                                         padding=ksize // 2, residual=r, backend="triton")
+
+    assert torch.autograd.gradcheck(unit, (x, w, g, b, r), eps=1e-6, atol=1e-7)
+
+
 def test_opcheck():
     inp, pad = _inputs(2, 3, 4, 4, 4, 3, 1, REF_DTYPE, "channels_last", True)
     bn = triton_ops.bn_prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
