@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4's measurement in one short GPU call (about 5 minutes on an H100; the steps'
-# limits add up to 530 s, 580 s with GRAPHS=1):
+# limits add up to 560 s, 610 s with GRAPHS=1):
 # GPU tests of the recently changed Triton code (TESTS, a pytest -k
 # expression, autotuning on so that its trial runs are exercised too), then
 # every ResNet-164 (batch 128) and ResNet-v2-50 (batch 64) unit's training
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_units.log
 # shellcheck source=benchmarks/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
-TESTS=${TESTS:-"both_product_orders or epilogue_tile or another_dtype or parity_classes"}
+TESTS=${TESTS:-"both_product_orders or epilogue_tile or another_dtype or parity_classes or offsets_in_both or 256_column"}
 
 step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
   $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'; nproc"
@@ -46,11 +46,16 @@ step kernel_times_first_all_taps 60 env FUSED_PREACT_DGRAD_PARITY=0 $PY benchmar
 # fp32 weights read as they are (cast in registers, the wgmma waited for at
 # every step) instead of cast once (triton_launch.CAST_WEIGHT_REDUCTION),
 # side by side with the cast measured above (Triton only; eager is there).
-step kernel_times_1x1_uncast 90 env FUSED_PREACT_CAST_WEIGHT_REDUCTION=0 $PY benchmarks/kernel_times.py \
+step kernel_times_1x1_uncast 75 env FUSED_PREACT_CAST_WEIGHT_REDUCTION=0 $PY benchmarks/kernel_times.py \
   --providers triton --units resnetv2_50 --only s3.1x1a,s4.1x1a --steps 10 --out "$OUT/kernel_times_1x1_uncast"
+# One unit again with 64-bit offsets everywhere (the address arithmetic
+# before session 7; triton_launch.WIDE_INDEX), side by side with the 32-bit
+# offsets measured above (Triton only; its kernels compile anew, in process).
+step kernel_times_int64_offsets 60 env FUSED_PREACT_WIDE_INDEX=1 $PY benchmarks/kernel_times.py \
+  --providers triton --units resnetv2_50 --only s3.3x3 --steps 10 --out "$OUT/kernel_times_int64_offsets"
 # Host time per step on this machine (tiny CUDA tensors, real launches) and
 # where the Triton path's goes (cProfile).
-step host_overhead 60 $PY benchmarks/host_overhead.py --cuda --repeats 200 --cprofile "$OUT/host_profile.txt"
+step host_overhead 45 $PY benchmarks/host_overhead.py --cuda --repeats 200 --cprofile "$OUT/host_profile.txt"
 [ "${GRAPHS:-0}" = 1 ] && step graphs 50 "${BENCH[@]}" --units resnet164 --repeats 20 --warmup 3 \
   --cuda-graph --warm-workers 0 --out "$OUT/bench"
 grep -E "passed|failed|=== " "$LOG" | tail -n 12

@@ -138,7 +138,8 @@ def _variants(kernel: str, dtype: str):
 
     dtype = _TYPE.get(dtype, dtype)
     dot = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}[dtype]
-    common = {"IS_FP64": dtype == "fp64", "DOT_DTYPE": dot, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+    common = {"IS_FP64": dtype == "fp64", "DOT_DTYPE": dot, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
+              "WIDE_INDEX": False}
     param = "fp64" if dtype == "fp64" else "fp32"
     for k, s in ((3, 1), (3, 2), (1, 1), (1, 2)):
         geometry = {"STRIDE": s, "PAD": k // 2, "KH": k, "KW": k}
@@ -161,6 +162,11 @@ def _variants(kernel: str, dtype: str):
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight, "PARITY": s == 2}, pointers
             else:
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight}, pointers
+            if k == 3 and s == 1 and suffix == "":  # 64-bit offsets, for tensors of 2**30+ elements
+                extra = {"HAS_RESIDUAL": False, "EMIT_STATS": False} if kernel == "conv_fwd_kernel" else {}
+                yield (f"{k}x{k}/s{s},i64", {**geometry, **common, **weight, **extra, "WIDE_INDEX": True,
+                                             **({"PARITY": False} if kernel == "conv_dgrad_kernel" else {})},
+                       pointers)
 
 
 def _configs(kernel: str, all_configs: bool):
@@ -173,9 +179,12 @@ def _configs(kernel: str, all_configs: bool):
     for cols, red in itertools.product(counts, repeat=2):
         if kernel == "conv_wgrad_kernel":
             configs = L._wgrad_configs(cols, red)
-        else:  # every candidate: 3x3 (both loops, half-width tiles) and 1x1 (epilogue loads first)
-            configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True)
-                       + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True))
+        else:  # every candidate: 3x3 (both loops, half-width tiles) and 1x1 (epilogue loads first),
+            # the forward's 256-column tiles
+            wide = kernel == "conv_fwd_kernel"
+            configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide)
+                       + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True,
+                                         wide=wide))
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
             seen.setdefault(key, cfg)
@@ -214,6 +223,8 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
     reductions; the stride-2 dgrad's parity classes), the first config with every other
     variant; the configs that load the epilogue's tile first (1x1 only) with
     the 1x1 stride-1 variants instead (with the residual, for the forward);
+    the forward's 256-column tiles with both (1x1 with a short reduction
+    reads the fp32 weight as it is);
     ``first_only``: the first config of each variant; ``all_configs``:
     every config with every variant."""
     jobs = []
@@ -230,7 +241,12 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
                 short = variant in ("1x1/s1", "1x1/s1+res+stats")
                 for j, (cfg, default) in enumerate(configs):
                     first = cfg.kwargs.get("EPILOGUE_FIRST", False)
-                    if all_configs or j == 0 or (not first_only and (short if first else heaviest)):
+                    if cfg.kwargs["BLOCK_N"] == 256:  # forward only: flat 3x3, 1x1, with launchable variants
+                        take = (cfg.kwargs["FLAT"] == variant.startswith("3x3")
+                                and (all_configs or (not first_only and (short or heaviest))))
+                    else:
+                        take = all_configs or j == 0 or (not first_only and (short if first else heaviest))
+                    if take:
                         jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,
                                      cfg.num_stages, default, pointers))
         for kernel, variant, constexprs, warps in _small_kernels(dtype):

@@ -80,6 +80,36 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def fast_divisor(d: int) -> tuple[int, int]:
+    """(mul, shr) with x // d == (x * mul) >> shr for every 0 <= x < 2**31
+    (mul = ceil(2**(31 + l) / d), l = ceil(log2 d); the error of mul is under
+    d <= 2**l, so x * error stays under 2**(31 + l)): the kernels' _fast_div.
+    mul < 2**32 is returned as its int32 bit pattern, so that Triton types it
+    as an i32 whatever d is."""
+    if d < 1:
+        raise ValueError(f"fast_divisor needs a positive divisor, got {d}")
+    shr = 31 + (d - 1).bit_length()
+    mul = -(-(1 << shr) // d)
+    return (mul - (1 << 32) if mul >= 1 << 31 else mul), shr
+
+
+# The GEMM kernels' offsets (WIDE_INDEX): int64 where a tensor's largest
+# offset (through its strides) reaches 2**30, else int32. Half of int32's
+# range is kept as margin: a tile's masked rows past the end (and padding
+# taps) form offsets beyond the tensor that are never read but must not
+# overflow. None = decided per launch; True/False forces one form (tests);
+# env FUSED_PREACT_WIDE_INDEX=1 forces int64 (the form before session 7, for
+# a side-by-side measurement).
+WIDE_INDEX: Optional[bool] = True if os.environ.get("FUSED_PREACT_WIDE_INDEX") == "1" else None
+
+
+def _wide_index(*tensors: Tensor) -> bool:
+    if WIDE_INDEX is not None:
+        return WIDE_INDEX
+    return any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 1 << 30
+               for t in tensors if t.numel() > 0)
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
 
@@ -102,7 +132,8 @@ def _forms(offered: bool, forced: Optional[bool]) -> tuple[bool, ...]:
 
 def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, taps: int = 1,
                   flat: Optional[bool] = None, small_grid: bool = False, epilogue_tile: bool = False,
-                  epilogue_first: Optional[bool] = None) -> list[triton.Config]:
+                  epilogue_first: Optional[bool] = None, wide: bool = False,
+                  wide_only: bool = False) -> list[triton.Config]:
     """Forward/dgrad: the tile spans the output channels (up to 128); eight
     warps for wide tiles, where the transformed A tile and the accumulator
     would otherwise exceed the register file (measured with triton_aot).
@@ -124,6 +155,14 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     dgrad, the residual in the forward) with such a short reduction adds
     each config with that load issued first (EPILOGUE_FIRST), after the others;
     ``epilogue_first`` True/False keeps only that form (EPILOGUE_FIRST_LOAD).
+    ``wide`` (forward, 256+ output channels) adds a 256-column tile (flat
+    loop for 3x3): each step's activation (BN, ReLU, padding, bf16 packing:
+    ~2/3 of the loop's instructions) then serves twice the MMA work. The
+    flat 3x3 forward's loop issues 441 instructions per 128x128x64 step
+    against 481 per 128x256x64 one (sm_90 SASS, triton 3.6), where the
+    tensor cores need ~512 and ~1024 cycles: eight warps, two per scheduler,
+    so the narrow tile is bound by instruction issue, the wide one by the MMAs.
+    ``wide_only`` keeps only that tile (FWD_WIDE_TILE).
     fp64 (no tensor cores; for checks) gets narrow tiles that fit shared memory."""
     if fp64:
         return [triton.Config({"BLOCK_M": rows_block, "BLOCK_N": _pow2(n_cols, 16, 32), "BLOCK_K": 16,
@@ -156,6 +195,12 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
             configs = [c for c in configs if c.kwargs["FLAT"] == flat]
     configs = [triton.Config({**c.kwargs, "EPILOGUE_FIRST": first}, num_warps=c.num_warps, num_stages=c.num_stages)
                for first in _forms(epilogue_tile and n_red * taps <= 64, epilogue_first) for c in configs]
+    if wide and n_cols >= 256 and (taps == 1 or flat is not False) and not epilogue_first:
+        # (the unrolled 3x3 loop spills with it, and so would an epilogue tile loaded first)
+        configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8,
+                                      "FLAT": taps > 1, "EPILOGUE_FIRST": False}, num_warps=8, num_stages=3))
+        if wide_only:
+            return configs[-1:]
     return configs[:1] if not AUTOTUNE else configs
 
 
@@ -225,6 +270,10 @@ MERGE_T, MERGE_C = (32, 64) if INTERPRET else (256, 16)
 # short reductions (GPU; after the loop under the interpreter), True/False =
 # only that form (the tests run both).
 EPILOGUE_FIRST_LOAD: Optional[bool] = None
+# The forward's 256-column tile (_gemm_configs' ``wide``): None = an
+# autotuning candidate from 256 output channels (GPU), True = only that tile
+# (also under the interpreter), False = never (tests).
+FWD_WIDE_TILE: Optional[bool] = None
 # Splits of the weight-gradient reduction over rows: None = enough programs
 # to fill a GPU (one under the interpreter); a number forces it (tests).
 WGRAD_SPLIT: Optional[int] = None
@@ -538,16 +587,19 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
         w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype, tiles, c)  # 3x3: packed [KH, KW, C, K]
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
+        # 256-column tiles: for 1x1, and for 3x3 with the packed weight (read
+        # as it is, in fp32, it spills registers with triton 3.8).
+        wide = (kh * kw == 1 or w_gemm.dtype == x.dtype) and FWD_WIDE_TILE is not False
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
                                                _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
-                                               EPILOGUE_FIRST_LOAD),
-                     {"BLOCK_M": rows, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 16),
-                      "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1,
+                                               EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE)),
+                     {"BLOCK_M": rows, "BLOCK_N": 256 if FWD_WIDE_TILE else _pow2(k_out, 16, 32),
+                      "BLOCK_K": _pow2(c, 16, 16), "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1,
                       "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD)},
                      x, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
                      *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
                      KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
-                     DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
+                     DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=_wide_index(x, w_gemm, res, y))
     return y, stats
 
 
@@ -598,7 +650,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
                          m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
-                         INPUT_PRECISION=precision, PARITY=parity)
+                         INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=_wide_index(grad_y, w_gemm, x, gz))
             merge_c = _pow2(c, 16, MERGE_C)
             sync = bool(global_count) and training
             _run("bn_backward_finalize_kernel", (_cdiv(c, merge_c),),
@@ -635,8 +687,10 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
                           "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS)},
                          x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
+                         *fast_divisor(oh * ow), *fast_divisor(ow),
                          *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
-                         KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision)
+                         KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                         WIDE_INDEX=_wide_index(x, grad_y, part))
             if split > 1:
                 torch.sum(part, 0, out=grad_w)
         else:

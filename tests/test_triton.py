@@ -180,6 +180,71 @@ def test_weight_gradient_in_both_product_orders(monkeypatch, ksize, stride, weig
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
+def test_fast_division_is_exact():
+    """x // d as the weight gradient computes its rows' (n, oh, ow): x * mul
+    >> shr with triton_launch.fast_divisor(d), in uint64 as the kernel does,
+    for every d up to 4096, powers of two and their neighbours, and random
+    ones, against numpy's division, at random x and at the edges (0, d - 1,
+    d, multiples of d, 2**31 - 1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    divisors = {*range(1, 4097), *rng.integers(1, 2**31, 500).tolist()}
+    divisors |= {v for k in range(1, 31) for v in (2**k - 1, 2**k, 2**k + 1)}
+    for d in sorted(divisors):
+        mul, shr = triton_launch.fast_divisor(d)
+        assert -2**31 <= mul < 2**31 and shr < 64
+        top = (2**31 - 1) // d * d
+        x = np.concatenate([rng.integers(0, 2**31, 256), [0, 1, d - 1, d, d + 1, top - 1, top, 2**31 - 1]])
+        x = x[(x >= 0) & (x < 2**31)].astype(np.uint64)
+        got = (x * np.uint64(mul & 0xFFFFFFFF)) >> np.uint64(shr)
+        np.testing.assert_array_equal(got, x // np.uint64(d), err_msg=f"d = {d}")
+    with pytest.raises(ValueError, match="positive"):
+        triton_launch.fast_divisor(0)
+
+
+@pytest.mark.parametrize("wide", [True, False], ids=["int64-offsets", "int32-offsets"])
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (3, 2), (1, 2)])
+def test_offsets_in_both_widths(monkeypatch, ksize, stride, wide):
+    """The GEMM kernels' address arithmetic in int64 (WIDE_INDEX: tensors
+    of 2**30+ elements) or int32 (all others), each forced; NCHW input, so
+    the channel stride is not 1; the weight gradient in two splits."""
+    monkeypatch.setattr(triton_launch, "WIDE_INDEX", wide)
+    monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", 2)
+    inp, pad = _inputs(2, 20, 7, 6, 12, ksize, stride, REF_DTYPE, "nchw", True)
+    _compare(inp, True, stride, pad, REF_DTYPE)
+
+
+def test_offset_width_follows_the_largest_offset():
+    """int64 offsets from a tensor whose largest offset (through its
+    strides, views included) reaches 2**30, int32 below; shapes only
+    (meta tensors, no memory)."""
+    small = torch.empty(64, 256, 56, 56, device="meta").to(memory_format=torch.channels_last)
+    assert not triton_launch._wide_index(small)
+    assert not triton_launch._wide_index(torch.empty(1024, 64, 128, 128, device="meta"))  # offsets < 2**30
+    assert triton_launch._wide_index(small, torch.empty(1025, 64, 128, 128, device="meta"))
+    strided = torch.empty_strided((3, 4, 5, 6), (1 << 29, 1, 24, 4), device="meta")  # 2 * 2**29 + ...
+    assert triton_launch._wide_index(strided)
+    assert not triton_launch._wide_index(torch.empty_strided((3, 4, 5, 6), (1 << 28, 1, 24, 4), device="meta"))
+
+
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (1, 1)])
+def test_forward_in_256_column_tiles(monkeypatch, ksize, stride):
+    """The forward's 256-column tile (an autotuning candidate from 256
+    output channels; FWD_WIDE_TILE forces it, also under the interpreter):
+    264 output channels, so the second column tile is nearly all mask;
+    residual and emitted statistics in the epilogue."""
+    monkeypatch.setattr(triton_launch, "FWD_WIDE_TILE", True)
+    inp, pad = _inputs(2, 16, 5, 4, 264, ksize, stride, REF_DTYPE, "channels_last", True)
+    _compare(inp, True, stride, pad, REF_DTYPE)
+    x = inp["x"]
+    bn = triton_launch.bn_prepare(x, None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+    y, stats = triton_launch.conv_forward(x, inp["weight"], bn, stride, pad, inp["residual"], True)
+    merged = triton_launch.merge_moments(stats, y.shape[0] * y.shape[2] * y.shape[3])
+    assert_close(merged[0], y.mean((0, 2, 3)), REF_DTYPE, "emitted mean")
+    assert_close(merged[1], y.var((0, 2, 3), unbiased=False), REF_DTYPE, "emitted variance")
+
+
 @pytest.mark.parametrize("cast", [True, False], ids=["cast", "as-is"])
 def test_1x1_weight_of_another_dtype_cast_or_read_as_is(monkeypatch, cast):
     """Under autocast an fp32 1x1 weight meets bf16 activations: cast once
