@@ -10,9 +10,10 @@ reports registers, spilled bytes (local memory, from the ``cuobjdump`` shipped
 with Triton) and shared memory per config, and whether the GEMMs use ``wgmma``
 (sm_90), how many wgmma groups the TTGIR leaves in flight, and whether ptxas
 serializes them anyway (its C75xx notes, from the ``ptxas`` shipped with
-Triton). Exit status 1 when a compile fails, a default config spills on
-sm_90, a fp16/bf16 GEMM has no wgmma on sm_90, or ptxas serializes a default
-config's wgmmas on sm_90.
+Triton), and how many instructions a warp issues per step of the reduction
+loop (the SASS, from ``cuobjdump``; in the JSON records). Exit status 1 when
+a compile fails, a default config spills on sm_90, a fp16/bf16 GEMM has no
+wgmma on sm_90, or ptxas serializes a default config's wgmmas on sm_90.
 
 Must run with TRITON_INTERPRET unset (the kernels must be JIT functions).
 """
@@ -57,6 +58,12 @@ class Compiled:
     # C75xx "Potential Performance Loss" note), or "": every wgmma then waits
     # for the previous one, whatever the TTGIR says.
     serialized: str = ""
+    # The reduction loop in the SASS: instructions a warp issues per step,
+    # and how many of them are MMAs (the largest loop holding MMAs; -1: none).
+    # Against the MMAs' tensor-core time this says whether a step is bound by
+    # instruction issue (benchmarks/RESULTS.md, session 7).
+    loop_instructions: int = -1
+    loop_mmas: int = -1
     seconds: float = 0.0
     error: str = ""
 
@@ -123,6 +130,33 @@ def _resources(cubin: bytes, tool: str) -> tuple[int, int]:
     # Spilled registers live in the stack frame (STACK) or local memory (LOCAL).
     spill = sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", out))
     return int(reg.group(1)) if reg else -1, spill if reg else -1
+
+
+def _mainloop(cubin: bytes, tool: str) -> tuple[int, int]:
+    """``_mainloop_of_sass`` of the cubin's ``cuobjdump -sass``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return _mainloop_of_sass(subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout)
+
+
+def _mainloop_of_sass(sass: str) -> tuple[int, int]:
+    """(instructions, MMA instructions) of the largest loop of a SASS listing
+    that holds MMAs (HGMMA/HMMA): a loop is a backward branch and the
+    instructions from its target; (-1, -1) if none."""
+    code = [(int(addr, 16), text) for addr, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+    best = (-1, -1)
+    for i, (addr, text) in enumerate(code):
+        branch = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        target = int(branch.group(1), 16) if branch else None
+        if target is None or target >= addr or target not in index:
+            continue
+        body = [t for _, t in code[index[target]:i + 1]]
+        mmas = sum(1 for t in body if re.search(r"\b(HGMMA|HMMA)\b", t))
+        if mmas and len(body) > best[0]:
+            best = (len(body), mmas)
+    return best
 
 
 def _variants(kernel: str, dtype: str):
@@ -273,6 +307,8 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
                                   target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": warps, "num_stages": stages})
         rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"], tool)
+        if kernel.startswith("conv_"):
+            rec.loop_instructions, rec.loop_mmas = _mainloop(compiled.asm["cubin"], tool)
         rec.shared_bytes = int(compiled.metadata.shared)
         rec.wgmma = "wgmma" in compiled.asm.get("ptx", "")
         pendings = [int(p) for p in re.findall(r"pendings = (\d+)", compiled.asm.get("ttgir", ""))]
@@ -350,7 +386,8 @@ def main(argv=None) -> int:
     results = compile_all(args.arch, args.dtype, args.all_configs, jobs=args.jobs, progress=not args.no_progress)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+            # one record a line: reports regenerated after a change diff line by line
+            f.write("[\n" + ",\n".join(json.dumps(asdict(r), separators=(",", ":")) for r in results) + "\n]\n")
     # Compact summary: per kernel/arch/dtype, the worst registers/spills/shared;
     # wgmma: compiles that use it; sync: those of them whose TTGIR waits for
     # every wgmma before the next step (wgmma_pending 0); ser: those whose

@@ -49,3 +49,22 @@ def test_ptxas_check_reports_serialized_wgmmas():
     assert "serialized" not in _serialized(_two_wgmmas(True), 90)  # the reason, without ptxas's preamble
     assert _serialized(_two_wgmmas(True), 90), "a register redefined between wgmmas must be reported"
     assert _serialized(_two_wgmmas(False), 90) == ""
+
+
+def test_mainloop_count_finds_the_mma_loop():
+    """triton_aot's loop measure (``loop_instructions``/``loop_mmas``, session
+    7): the largest loop of a SASS listing that holds MMAs, counted from its
+    backward branch's target to the branch; a larger loop without MMAs and a
+    forward branch are not it. A listing in cuobjdump's format."""
+    from fused_preact.triton_aot import _mainloop_of_sass
+
+    lines = ["IMAD R1, R2, R3, RZ", "@P0 BRA 0x0060",  # a forward branch
+             "LDS.128 R8, [R1]", "FFMA R4, R5, R6, R7",  # 0x0020: the MMA loop
+             "HGMMA.64x128x16.F32.BF16 R24, R8, gdesc[UR4], R24, gsb0", "@P1 BRA 0x0020",
+             "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2", "FADD R1, R1, R2",  # 0x0060: no MMA
+             "@P2 BRA 0x0060", "EXIT"]
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {text} ;   /* 0x000fe20000000f00 */"
+                     for i, text in enumerate(lines))
+    assert _mainloop_of_sass(sass) == (4, 1)
+    assert _mainloop_of_sass(sass.replace("HGMMA.64x128x16.F32.BF16", "HMMA.16816.F32.BF16")) == (4, 1)
+    assert _mainloop_of_sass(sass.replace("HGMMA.64x128x16.F32.BF16", "FMUL")) == (-1, -1)
