@@ -175,8 +175,11 @@ def _variants(kernel: str, dtype: str):
     common = {"IS_FP64": dtype == "fp64", "DOT_DTYPE": dot, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
               "WIDE_INDEX": False}
     param = "fp64" if dtype == "fp64" else "fp32"
+    # The model channel counts are multiples of the reduction block (no
+    # channel masks: EVEN_C/EVEN_K); ",tails" variants build the masked form.
+    even = {"conv_fwd_kernel": {"EVEN_C": True}, "conv_dgrad_kernel": {"EVEN_K": True}}.get(kernel, {})
     for k, s in ((3, 1), (3, 2), (1, 1), (1, 2)):
-        geometry = {"STRIDE": s, "PAD": k // 2, "KH": k, "KW": k}
+        geometry = {"STRIDE": s, "PAD": k // 2, "KH": k, "KW": k, **even}
         weights = [("", {}, {})]  # (label suffix, weight strides of 1, pointer dtypes)
         if kernel in ("conv_fwd_kernel", "conv_dgrad_kernel"):
             if k == 1:  # [K, C, 1, 1] as it is, or cast to the data dtype
@@ -196,11 +199,14 @@ def _variants(kernel: str, dtype: str):
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight, "PARITY": s == 2}, pointers
             else:
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight}, pointers
-            if k == 3 and s == 1 and suffix == "":  # 64-bit offsets, for tensors of 2**30+ elements
+            if k == 3 and s == 1 and suffix == "":
                 extra = {"HAS_RESIDUAL": False, "EMIT_STATS": False} if kernel == "conv_fwd_kernel" else {}
-                yield (f"{k}x{k}/s{s},i64", {**geometry, **common, **weight, **extra, "WIDE_INDEX": True,
-                                             **({"PARITY": False} if kernel == "conv_dgrad_kernel" else {})},
-                       pointers)
+                extra |= {"PARITY": False} if kernel == "conv_dgrad_kernel" else {}
+                # 64-bit offsets, for tensors of 2**30+ elements
+                yield f"{k}x{k}/s{s},i64", {**geometry, **common, **weight, **extra, "WIDE_INDEX": True}, pointers
+                if even:  # channel counts with tails
+                    yield (f"{k}x{k}/s{s},tails", {**geometry, **common, **weight, **extra,
+                                                   **{name: False for name in even}}, pointers)
 
 
 def _configs(kernel: str, all_configs: bool):

@@ -404,9 +404,22 @@ def _run(kernel_name: str, grid, *args, **constexprs) -> None:
     _launch(kernel_name, grid, args, constexprs)
 
 
-def _launch_gemm(kernel_name: str, grid, config_key: tuple, interpret_meta: dict, *args, **constexprs) -> None:
+@functools.lru_cache(maxsize=None)
+def _reduction_blocks(config_key: tuple) -> tuple[int, ...]:
+    return tuple({cfg.kwargs["BLOCK_K"] for cfg in _configs_for(config_key)})
+
+
+def _launch_gemm(kernel_name: str, grid, config_key: tuple, interpret_meta: dict, *args,
+                 even: Optional[tuple[str, int]] = None, **constexprs) -> None:
     """Launches a GEMM kernel with its (autotuned) block config; under the
-    interpreter with ``interpret_meta``'s small fixed one."""
+    interpreter with ``interpret_meta``'s small fixed one. ``even`` = (name,
+    count): the constexpr ``name`` says whether ``count`` (the reduction's
+    channels) is a multiple of the BLOCK_K of every config that may run, so
+    that the kernel can drop the channel masks of its loads."""
+    if even is not None:
+        name, count = even
+        blocks = (interpret_meta["BLOCK_K"],) if INTERPRET else _reduction_blocks(config_key)
+        constexprs[name] = all(count % block == 0 for block in blocks)
     if INTERPRET:
         _launch(kernel_name, grid, args, {**constexprs, **interpret_meta})
     else:
@@ -599,7 +612,8 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
                      x, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
                      *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
                      KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
-                     DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=_wide_index(x, w_gemm, res, y))
+                     DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=_wide_index(x, w_gemm, res, y),
+                     even=("EVEN_C", c))
     return y, stats
 
 
@@ -650,7 +664,8 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
                          m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
-                         INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=_wide_index(grad_y, w_gemm, x, gz))
+                         INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=_wide_index(grad_y, w_gemm, x, gz),
+                         even=("EVEN_K", k_out))
             merge_c = _pow2(c, 16, MERGE_C)
             sync = bool(global_count) and training
             _run("bn_backward_finalize_kernel", (_cdiv(c, merge_c),),

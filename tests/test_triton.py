@@ -215,6 +215,29 @@ def test_offsets_in_both_widths(monkeypatch, ksize, stride, wide):
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
+@pytest.mark.parametrize("c, k_out", [(32, 48), (40, 36)], ids=["even", "tails"])
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (1, 1)])
+def test_channels_a_multiple_of_the_block_or_not(monkeypatch, ksize, stride, c, k_out):
+    """Channel counts that are multiples of the reduction block (EVEN_C in
+    the forward, EVEN_K in the dgrad: loads without channel masks; two
+    blocks each under the interpreter) and counts with tails (masked); the
+    constexprs the launcher chose are checked too."""
+    seen = {}
+    original = triton_launch._launch
+
+    def recording(name, grid, args, kwargs, config_key=None):
+        for flag in ("EVEN_C", "EVEN_K"):
+            if flag in kwargs:
+                seen[flag] = kwargs[flag]
+        return original(name, grid, args, kwargs, config_key)
+
+    monkeypatch.setattr(triton_launch, "_launch", recording)
+    inp, pad = _inputs(2, c, 6, 5, k_out, ksize, stride, REF_DTYPE, "channels_last", True)
+    _compare(inp, True, stride, pad, REF_DTYPE)
+    if DEVICE == "cpu":  # the interpreter's block: 16 channels
+        assert seen == {"EVEN_C": c % 16 == 0, "EVEN_K": k_out % 16 == 0}
+
+
 def test_offset_width_follows_the_largest_offset():
     """int64 offsets from a tensor whose largest offset (through its
     strides, views included) reaches 2**30, int32 below; shapes only
