@@ -176,8 +176,10 @@ def _variants(kernel: str, dtype: str):
               "WIDE_INDEX": False}
     param = "fp64" if dtype == "fp64" else "fp32"
     # The model channel counts are multiples of the reduction block (no
-    # channel masks: EVEN_C/EVEN_K); ",tails" variants build the masked form.
-    even = {"conv_fwd_kernel": {"EVEN_C": True}, "conv_dgrad_kernel": {"EVEN_K": True}}.get(kernel, {})
+    # channel masks: EVEN_C/EVEN_K) and a channels_last model's x and gy have
+    # dense rows (DENSE_ROWS); ",general" variants build the other form.
+    even = {"conv_fwd_kernel": {"EVEN_C": True}, "conv_dgrad_kernel": {"EVEN_K": True},
+            "conv_wgrad_kernel": {"DENSE_ROWS": True}}[kernel]
     for k, s in ((3, 1), (3, 2), (1, 1), (1, 2)):
         geometry = {"STRIDE": s, "PAD": k // 2, "KH": k, "KW": k, **even}
         weights = [("", {}, {})]  # (label suffix, weight strides of 1, pointer dtypes)
@@ -204,9 +206,8 @@ def _variants(kernel: str, dtype: str):
                 extra |= {"PARITY": False} if kernel == "conv_dgrad_kernel" else {}
                 # 64-bit offsets, for tensors of 2**30+ elements
                 yield f"{k}x{k}/s{s},i64", {**geometry, **common, **weight, **extra, "WIDE_INDEX": True}, pointers
-                if even:  # channel counts with tails
-                    yield (f"{k}x{k}/s{s},tails", {**geometry, **common, **weight, **extra,
-                                                   **{name: False for name in even}}, pointers)
+                yield (f"{k}x{k}/s{s},general", {**geometry, **common, **weight, **extra,
+                                                 **{name: False for name in even}}, pointers)
 
 
 def _configs(kernel: str, all_configs: bool):

@@ -568,7 +568,8 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      CHANNEL_ROWS: tl.constexpr = False, WIDE_INDEX: tl.constexpr = False):
+                      CHANNEL_ROWS: tl.constexpr = False, WIDE_INDEX: tl.constexpr = False,
+                      DENSE_ROWS: tl.constexpr = False):
     """Split-K weight gradient: program (tap, K tile, C tile, split) computes
     gy[rows, K]^T a[rows, C] over its share of the M = N*OH*OW output pixels,
     with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
@@ -580,6 +581,10 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     Each step finds its rows' (n, oh, ow) by multiplying with the launcher's
     reciprocals of OH*OW and OW (``_fast_div``): with integer divisions that
     took about half of the loop's instructions (sm_90 SASS, triton 3.6).
+    DENSE_ROWS (x and gy dense channels_last, the launcher checks): gy's
+    pixel m is row m at its pixel stride, and for a 1x1 stride-1 conv x's
+    too, so those rows need no (n, oh, ow): a further 20% (3x3) and 30%
+    (1x1) of the loop.
 
     CHANNEL_ROWS: the product taken transposed, a^T gy = [C, K] tiles, so
     that the activation, computed in registers, is the MMA's left operand,
@@ -613,17 +618,27 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     for i in range(0, per_split):
         offs_m = (pid_s * per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        n = _fast_div(offs_m, ohw_mul, ohw_shr)
-        rem = offs_m - n * (OH * OW)
-        oh = _fast_div(rem, ow_mul, ow_shr)
-        ow = rem - oh * OW
-        n = _idx(n, WIDE_INDEX)
-        g = tl.load(gy_ptr + (n * sgn + _idx(oh * sgh + ow * sgw, WIDE_INDEX))[:, None]
-                    + _idx(offs_k, WIDE_INDEX)[None, :] * sgc, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        ih = oh * STRIDE - PAD + kh
-        iw = ow * STRIDE - PAD + kw
-        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row_base = n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX)
+        if DENSE_ROWS and KH * KW == 1 and STRIDE == 1:
+            # pixel m is row m of both x and gy: no (n, oh, ow) at all
+            g_rows = _idx(offs_m, WIDE_INDEX) * sgw
+            row_ok = mask_m
+            row_base = _idx(offs_m, WIDE_INDEX) * sxw
+        else:
+            n = _fast_div(offs_m, ohw_mul, ohw_shr)
+            rem = offs_m - n * (OH * OW)
+            oh = _fast_div(rem, ow_mul, ow_shr)
+            ow = rem - oh * OW
+            n = _idx(n, WIDE_INDEX)
+            if DENSE_ROWS:
+                g_rows = _idx(offs_m, WIDE_INDEX) * sgw
+            else:
+                g_rows = n * sgn + _idx(oh * sgh + ow * sgw, WIDE_INDEX)
+            ih = oh * STRIDE - PAD + kh
+            iw = ow * STRIDE - PAD + kw
+            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row_base = n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX)
+        g = tl.load(gy_ptr + g_rows[:, None] + _idx(offs_k, WIDE_INDEX)[None, :] * sgc,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64,
                             WIDE_INDEX, False)
         if CHANNEL_ROWS:

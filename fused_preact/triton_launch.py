@@ -110,6 +110,15 @@ def _wide_index(*tensors: Tensor) -> bool:
                for t in tensors if t.numel() > 0)
 
 
+def _dense_rows(t: Tensor) -> bool:
+    """Whether pixel (n, h, w) of a 4-D tensor sits at ((n*H + h)*W + w) *
+    stride(w): its pixels are rows at one stride, as in a dense channels_last
+    tensor (size-1 dimensions' strides do not matter)."""
+    n, _, h, w = t.shape
+    sn, _, sh, sw = t.stride()
+    return (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
 
@@ -705,7 +714,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          *fast_divisor(oh * ow), *fast_divisor(ow),
                          *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
                          KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-                         WIDE_INDEX=_wide_index(x, grad_y, part))
+                         WIDE_INDEX=_wide_index(x, grad_y, part), DENSE_ROWS=_dense_rows(x) and _dense_rows(grad_y))
             if split > 1:
                 torch.sum(part, 0, out=grad_w)
         else:

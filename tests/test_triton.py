@@ -238,6 +238,43 @@ def test_channels_a_multiple_of_the_block_or_not(monkeypatch, ksize, stride, c, 
         assert seen == {"EVEN_C": c % 16 == 0, "EVEN_K": k_out % 16 == 0}
 
 
+@pytest.mark.parametrize("form", ["channels_last", "one-image", "nchw", "x-view", "gy-view"])
+@pytest.mark.parametrize("ksize, stride", [(1, 1), (3, 1), (1, 2)])
+def test_weight_gradient_with_and_without_dense_rows(monkeypatch, ksize, stride, form):
+    """The weight gradient's DENSE_ROWS (pixel m is row m of x and gy: dense
+    channels_last, size-1 dimensions with any stride) against the general
+    row arithmetic (NCHW; x or gy a cropped channels_last view, rows 7
+    pixels apart of which 6 are used): the launcher's choice is checked and
+    the weight gradient compared with autograd's, in two splits."""
+    seen = []
+    original = triton_launch._launch
+
+    def recording(name, grid, args, kwargs, config_key=None):
+        if name == "conv_wgrad_kernel":
+            seen.append(kwargs["DENSE_ROWS"])
+        return original(name, grid, args, kwargs, config_key)
+
+    monkeypatch.setattr(triton_launch, "_launch", recording)
+    monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", 2)
+    gen = torch.Generator().manual_seed(1)
+    fmt = torch.contiguous_format if form == "nchw" else torch.channels_last
+    n, pad = (1 if form == "one-image" else 2), ksize // 2
+    x = torch.randn(n, 20, 5, 7, generator=gen, dtype=REF_DTYPE).to(DEVICE).contiguous(memory_format=fmt)
+    x = x[..., :6] if form == "x-view" else x[..., :6].contiguous(memory_format=fmt)
+    weight = torch.randn(12, 20, ksize, ksize, generator=gen, dtype=REF_DTYPE).to(DEVICE) / 6
+    gamma, beta = torch.rand(20, dtype=REF_DTYPE, device=DEVICE) + 0.5, torch.randn(20, dtype=REF_DTYPE, device=DEVICE)
+    bn = triton_launch.bn_prepare(x, None, gamma, beta, None, None, True, 0.1, 1e-5)
+    oh, ow = (5 + 2 * pad - ksize) // stride + 1, (6 + 2 * pad - ksize) // stride + 1
+    grad_y = torch.randn(n, 12, oh, ow + 1, generator=gen, dtype=REF_DTYPE).to(DEVICE).contiguous(memory_format=fmt)
+    grad_y = grad_y[..., :ow] if form == "gy-view" else grad_y[..., :ow].contiguous(memory_format=fmt)
+    _, grad_w, _ = triton_launch.conv_backward(grad_y, x, weight, bn, True, stride, pad, False, True)
+    wr = weight.clone().requires_grad_()
+    a = torch.relu(x * bn[2].view(1, -1, 1, 1) + bn[3].view(1, -1, 1, 1))
+    F.conv2d(a, wr, stride=stride, padding=pad).backward(grad_y)
+    assert_close(grad_w, wr.grad, REF_DTYPE, "grad weight")
+    assert seen == [form in ("channels_last", "one-image")]
+
+
 def test_offset_width_follows_the_largest_offset():
     """int64 offsets from a tensor whose largest offset (through its
     strides, views included) reaches 2**30, int32 below; shapes only
