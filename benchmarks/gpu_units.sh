@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_units.log
 # shellcheck source=benchmarks/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
-TESTS=${TESTS:-"both_product_orders or epilogue_tile or another_dtype or parity_classes or offsets_in_both or 256_column"}
+TESTS=${TESTS:-"both_product_orders or epilogue_tile or another_dtype or parity_classes or offsets_in_both or 256_column or multiple_of_the_block or dense_rows"}
 
 step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
   $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'; nproc"

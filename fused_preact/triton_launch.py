@@ -280,8 +280,9 @@ MERGE_T, MERGE_C = (32, 64) if INTERPRET else (256, 16)
 # only that form (the tests run both).
 EPILOGUE_FIRST_LOAD: Optional[bool] = None
 # The forward's 256-column tile (_gemm_configs' ``wide``): None = an
-# autotuning candidate from 256 output channels (GPU), True = only that tile
-# (also under the interpreter), False = never (tests).
+# autotuning candidate from 256 output channels with 16-bit inputs (GPU),
+# True = only that tile where it is offered (and under the interpreter, any
+# dtype), False = never (tests).
 FWD_WIDE_TILE: Optional[bool] = None
 # Splits of the weight-gradient reduction over rows: None = enough programs
 # to fill a GPU (one under the interpreter); a number forces it (tests).
@@ -609,9 +610,11 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
         w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype, tiles, c)  # 3x3: packed [KH, KW, C, K]
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
-        # 256-column tiles: for 1x1, and for 3x3 with the packed weight (read
-        # as it is, in fp32, it spills registers with triton 3.8).
-        wide = (kh * kw == 1 or w_gemm.dtype == x.dtype) and FWD_WIDE_TILE is not False
+        # 256-column tiles: with 16-bit inputs (three stages of fp32 tiles
+        # would not fit shared memory), for 1x1, and for 3x3 with the packed
+        # weight (read as it is, in fp32, it spills registers with triton 3.8).
+        wide = (x.element_size() == 2 and (kh * kw == 1 or w_gemm.dtype == x.dtype)
+                and FWD_WIDE_TILE is not False)
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
                                                _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
                                                EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE)),
