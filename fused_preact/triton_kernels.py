@@ -45,7 +45,7 @@ def _rows_to_nhw(offs_m, HW, W):
 @triton.jit
 def _idx(v, WIDE_INDEX: tl.constexpr):
     """An offset term in the GEMM kernels' address arithmetic: int64 where
-    a tensor's offsets reach 2**30 (the launchers' WIDE_INDEX), else
+    a tensor's storage spans 2**30 elements (the launchers' WIDE_INDEX), else
     int32, which takes half the instructions: 64-bit offsets were ~15% of the
     weight gradient's loop (sm_90 SASS, triton 3.6)."""
     if WIDE_INDEX:
@@ -618,11 +618,12 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     for i in range(0, per_split):
         offs_m = (pid_s * per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
+        rows = _idx(offs_m, WIDE_INDEX)
         if DENSE_ROWS and KH * KW == 1 and STRIDE == 1:
             # pixel m is row m of both x and gy: no (n, oh, ow) at all
-            g_rows = _idx(offs_m, WIDE_INDEX) * sgw
+            g_rows = rows * sgw
             row_ok = mask_m
-            row_base = _idx(offs_m, WIDE_INDEX) * sxw
+            row_base = rows * sxw
         else:
             n = _fast_div(offs_m, ohw_mul, ohw_shr)
             rem = offs_m - n * (OH * OW)
@@ -630,7 +631,7 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
             ow = rem - oh * OW
             n = _idx(n, WIDE_INDEX)
             if DENSE_ROWS:
-                g_rows = _idx(offs_m, WIDE_INDEX) * sgw
+                g_rows = rows * sgw
             else:
                 g_rows = n * sgn + _idx(oh * sgh + ow * sgw, WIDE_INDEX)
             ih = oh * STRIDE - PAD + kh

@@ -94,10 +94,12 @@ def fast_divisor(d: int) -> tuple[int, int]:
 
 
 # The GEMM kernels' offsets (WIDE_INDEX): int64 where a tensor's largest
-# offset (through its strides) reaches 2**30, else int32. Half of int32's
-# range is kept as margin: a tile's masked rows past the end (and padding
-# taps) form offsets beyond the tensor that are never read but must not
-# overflow. None = decided per launch; True/False forces one form (tests);
+# offset may reach 2**30, else int32. Half of int32's range is kept as
+# margin: a tile's masked rows past the end (and padding taps) form offsets
+# beyond the tensor that are never read but must not overflow. The largest
+# offset is bounded by the tensor's storage (its extent through the strides
+# for a tensor that owns its storage; more for a view of a larger one): one
+# call per tensor, a third of the host time of summing over the strides. None = decided per launch; True/False forces one form (tests);
 # env FUSED_PREACT_WIDE_INDEX=1 forces int64 (the form before session 7, for
 # a side-by-side measurement).
 WIDE_INDEX: Optional[bool] = True if os.environ.get("FUSED_PREACT_WIDE_INDEX") == "1" else None
@@ -106,8 +108,7 @@ WIDE_INDEX: Optional[bool] = True if os.environ.get("FUSED_PREACT_WIDE_INDEX") =
 def _wide_index(*tensors: Tensor) -> bool:
     if WIDE_INDEX is not None:
         return WIDE_INDEX
-    return any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 1 << 30
-               for t in tensors if t.numel() > 0)
+    return any(t.untyped_storage().nbytes() > t.element_size() << 30 for t in tensors)
 
 
 def _dense_rows(t: Tensor) -> bool:
@@ -167,8 +168,8 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     ``wide`` (forward, 256+ output channels) adds a 256-column tile (flat
     loop for 3x3): each step's activation (BN, ReLU, padding, bf16 packing:
     ~2/3 of the loop's instructions) then serves twice the MMA work. The
-    flat 3x3 forward's loop issues 441 instructions per 128x128x64 step
-    against 481 per 128x256x64 one (sm_90 SASS, triton 3.6), where the
+    flat 3x3 forward's loop issues 429 instructions per 128x128x64 step
+    against 453 per 128x256x64 one (sm_90 SASS, triton 3.6), where the
     tensor cores need ~512 and ~1024 cycles: eight warps, two per scheduler,
     so the narrow tile is bound by instruction issue, the wide one by the MMAs.
     ``wide_only`` keeps only that tile (FWD_WIDE_TILE).

@@ -215,6 +215,21 @@ def test_offsets_in_both_widths(monkeypatch, ksize, stride, wide):
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
+def _launch_flags(monkeypatch, kernel_name, flag):
+    """The values of constexpr ``flag`` in the launches of ``kernel_name``
+    from now on (a list filled as they happen)."""
+    seen = []
+    original = triton_launch._launch
+
+    def recording(name, grid, args, kwargs, config_key=None):
+        if name == kernel_name:
+            seen.append(kwargs[flag])
+        return original(name, grid, args, kwargs, config_key)
+
+    monkeypatch.setattr(triton_launch, "_launch", recording)
+    return seen
+
+
 @pytest.mark.parametrize("c, k_out", [(32, 48), (40, 36)], ids=["even", "tails"])
 @pytest.mark.parametrize("ksize, stride", [(3, 1), (1, 1)])
 def test_channels_a_multiple_of_the_block_or_not(monkeypatch, ksize, stride, c, k_out):
@@ -222,19 +237,12 @@ def test_channels_a_multiple_of_the_block_or_not(monkeypatch, ksize, stride, c, 
     the forward, EVEN_K in the dgrad: loads without channel masks; two
     blocks each under the interpreter) and counts with tails (masked); the
     constexprs the launcher chose are checked too."""
-    seen = {}
-    original = triton_launch._launch
-
-    def recording(name, grid, args, kwargs, config_key=None):
-        for flag in ("EVEN_C", "EVEN_K"):
-            if flag in kwargs:
-                seen[flag] = kwargs[flag]
-        return original(name, grid, args, kwargs, config_key)
-
-    monkeypatch.setattr(triton_launch, "_launch", recording)
+    even_c = _launch_flags(monkeypatch, "conv_fwd_kernel", "EVEN_C")
+    even_k = _launch_flags(monkeypatch, "conv_dgrad_kernel", "EVEN_K")
     inp, pad = _inputs(2, c, 6, 5, k_out, ksize, stride, REF_DTYPE, "channels_last", True)
     _compare(inp, True, stride, pad, REF_DTYPE)
     if DEVICE == "cpu":  # the interpreter's block: 16 channels
+        seen = {"EVEN_C": even_c[-1], "EVEN_K": even_k[-1]}
         assert seen == {"EVEN_C": c % 16 == 0, "EVEN_K": k_out % 16 == 0}
 
 
@@ -246,15 +254,7 @@ def test_weight_gradient_with_and_without_dense_rows(monkeypatch, ksize, stride,
     row arithmetic (NCHW; x or gy a cropped channels_last view, rows 7
     pixels apart of which 6 are used): the launcher's choice is checked and
     the weight gradient compared with autograd's, in two splits."""
-    seen = []
-    original = triton_launch._launch
-
-    def recording(name, grid, args, kwargs, config_key=None):
-        if name == "conv_wgrad_kernel":
-            seen.append(kwargs["DENSE_ROWS"])
-        return original(name, grid, args, kwargs, config_key)
-
-    monkeypatch.setattr(triton_launch, "_launch", recording)
+    seen = _launch_flags(monkeypatch, "conv_wgrad_kernel", "DENSE_ROWS")
     monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", 2)
     gen = torch.Generator().manual_seed(1)
     fmt = torch.contiguous_format if form == "nchw" else torch.channels_last
@@ -276,9 +276,9 @@ def test_weight_gradient_with_and_without_dense_rows(monkeypatch, ksize, stride,
 
 
 def test_offset_width_follows_the_largest_offset():
-    """int64 offsets from a tensor whose largest offset (through its
-    strides, views included) reaches 2**30, int32 below; shapes only
-    (meta tensors, no memory)."""
+    """int64 offsets from a tensor whose largest offset may reach 2**30
+    (bounded by its storage, which for the tensors here is their extent
+    through the strides), int32 below; shapes only (meta tensors, no memory)."""
     small = torch.empty(64, 256, 56, 56, device="meta").to(memory_format=torch.channels_last)
     assert not triton_launch._wide_index(small)
     assert not triton_launch._wide_index(torch.empty(1024, 64, 128, 128, device="meta"))  # offsets < 2**30
