@@ -19,11 +19,11 @@ LOG=$OUT/gpu_profile.log
 NCU=${NCU:-ncu}
 step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version --format=csv; $NCU --version | tail -n 1"
 for unit in "${UNITS[@]}"; do
-  name=${unit//[:.]/_}
+  name=${unit//[:.\/]/_}
   # --clock-control none: measure the card as it runs (and leave its clocks alone).
   step "ncu $unit" 150 bash -c "$NCU --profile-from-start off --target-processes all --clock-control none \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --csv --page details \
+    --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --csv --page details \
     $PY benchmarks/profile_units.py --units $unit > '$OUT/profile/$name.csv'"
   $PY benchmarks/profile_units.py --summarize "$OUT/profile/$name.csv" --out "$OUT/profile/$name.md" \
     > /dev/null 2>> "$LOG"

@@ -221,11 +221,11 @@ def _configs(kernel: str, all_configs: bool):
         if kernel == "conv_wgrad_kernel":
             configs = L._wgrad_configs(cols, red)
         else:  # every candidate: 3x3 (both loops, half-width tiles) and 1x1 (epilogue loads first),
-            # the forward's 256-column tiles
+            # the forward's 256-column tiles, the epilogue-heavy dgrads' forms
             wide = kernel == "conv_fwd_kernel"
             configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide)
                        + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True,
-                                         wide=wide))
+                                         wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel"))
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
             seen.setdefault(key, cfg)

@@ -267,13 +267,32 @@ def _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sx
 
 
 @triton.jit
-def _flat_tap(it, chunks, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+def _small_div(a, b_inv):
+    """a // b for 0 <= a < 2**20 and b >= 1, given b_inv = 1.0 / b in fp32:
+    floor((a + 0.5) * b_inv). (a + 0.5)/b lies at least 0.5/b from an
+    integer; b_inv's error (up to 2 ulp: the GPU's fast fp32 division) and
+    the product's rounding move it by under (a + 0.5)/b * 2**-21.6, less
+    than that while a < 2**20. Four instructions where an integer division
+    by a runtime value takes ~25: the flat loops' step counters, where a <
+    9 * chunks of 16+ channels (triton_launch caps channels at 2**20).
+    test_triton checks it exhaustively over that range with b_inv off by
+    0-2 ulp either way, and through this function on the device."""
+    return tl.cast((tl.cast(a, tl.float32) + 0.5) * b_inv, tl.int32)
+
+
+@triton.jit
+def _flat_tap(it, chunks, chunks_inv, KW: tl.constexpr, BLOCK_K: tl.constexpr):
     """Iteration ``it`` of a flat reduction loop over taps x chunks of
-    BLOCK_K channels: (kh, kw, the chunk's channel offsets). (Counters
-    carried by the loop instead of the division by ``chunks`` save ~15 of
-    ~450 instructions a step, but made ptxas serialize the 3x3 forward's
-    wgmmas: sm_90, triton 3.6.)"""
-    tap = it // chunks
+    BLOCK_K channels: (kh, kw, the chunk's channel offsets); ``chunks_inv``
+    = 1.0 / chunks for _small_div, or None for the integer division. The
+    dgrad takes the first (195 -> 183 instructions a 128x128x64 step); in
+    the forward either of it and counters carried by the loop (tried in
+    session 7) save ~10-15 of ~430 but make ptxas serialize its wgmmas
+    (sm_90, triton 3.6), so it keeps the division."""
+    if chunks_inv is None:
+        tap = it // chunks
+    else:
+        tap = _small_div(it, chunks_inv)
     kh = tap // KW
     return kh, tap - kh * KW, (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
 
@@ -349,7 +368,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
         chunks = tl.cdiv(C, BLOCK_K)
         tl.assume(KH * KW * chunks > 0)
         for it in range(0, KH * KW * chunks):
-            kh, kw, offs_c = _flat_tap(it, chunks, KW, BLOCK_K)
+            kh, kw, offs_c = _flat_tap(it, chunks, None, KW, BLOCK_K)
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -467,32 +486,39 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PARITY:
         # Taps of this class: kh = kh0, kh0 + 2, ... with kh0 = (ph + PAD)
-        # mod 2 (then h + PAD - kh is even and oh exact), likewise kw; one
-        # flat loop over (tap, chunk of K), which Triton software-pipelines.
+        # mod 2, likewise kw; one flat loop over (tap, chunk of K), which
+        # Triton software-pipelines. With h = 2i + ph, h + PAD - kh is even,
+        # so the output row is oh = i + dh with dh = (ph + PAD - kh) / 2 the
+        # same for every row of the class: per step only a scalar offset and
+        # four comparisons per row (no divisions: 240 -> 185 instructions a
+        # 128x128x64 step, sm_90 SASS, triton 3.6).
+        tl.static_assert(KW <= 4)  # (at most 2 taps of a class per row of the kernel: the shift below)
         kh0 = (ph + PAD) % 2
         kw0 = (pw + PAD) % 2
         taps_w = (KW - kw0 + 1) // 2
         chunks = tl.cdiv(K, BLOCK_K)
+        chunks_inv = 1.0 / tl.cast(chunks, tl.float32)
+        pixel_base = n * sgn + _idx(i * sgh + j * sgw, WIDE_INDEX)
         if KH > 1 and KW > 1:  # every class has a tap (a 1x1's odd classes have none)
             tl.assume((KH - kh0 + 1) // 2 * taps_w * chunks > 0)
         for it in range(0, (KH - kh0 + 1) // 2 * taps_w * chunks):
-            tap = it // chunks
-            kh = kh0 + 2 * (tap // taps_w)
-            kw = kw0 + 2 * (tap % taps_w)
-            th = h + PAD - kh
-            oh = th // 2
-            tw = w + PAD - kw
-            ow = tw // 2
-            row_ok = mask_m & (th >= 0) & (oh < OH) & (tw >= 0) & (ow < OW)
-            row_base = n * sgn + _idx(oh * sgh + ow * sgw, WIDE_INDEX)
+            tap = _small_div(it, chunks_inv)
+            tap_h = tap >> (taps_w // 2)  # tap // taps_w, taps_w being 1 or 2
+            kh = kh0 + 2 * tap_h
+            kw = kw0 + 2 * (tap - tap_h * taps_w)
+            dh = (ph + PAD - kh) // 2  # (exact: even)
+            dw = (pw + PAD - kw) // 2
+            row_ok = mask_m & (i >= -dh) & (i < OH - dh) & (j >= -dw) & (j < OW - dw)
+            row_base = pixel_base + _idx(dh * sgh + dw * sgw, WIDE_INDEX)
             acc = _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww,
                              (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K), offs_n, mask_n, K, sgc, swk, swc,
                              DOT_DTYPE, INPUT_PRECISION, WIDE_INDEX, EVEN_K)
     elif FLAT:
         chunks = tl.cdiv(K, BLOCK_K)
+        chunks_inv = 1.0 / tl.cast(chunks, tl.float32)
         tl.assume(KH * KW * chunks > 0)
         for it in range(0, KH * KW * chunks):
-            kh, kw, offs_k = _flat_tap(it, chunks, KW, BLOCK_K)
+            kh, kw, offs_k = _flat_tap(it, chunks, chunks_inv, KW, BLOCK_K)
             th = h + PAD - kh
             oh = th // STRIDE
             tw = w + PAD - kw

@@ -143,7 +143,7 @@ def _forms(offered: bool, forced: Optional[bool]) -> tuple[bool, ...]:
 def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, taps: int = 1,
                   flat: Optional[bool] = None, small_grid: bool = False, epilogue_tile: bool = False,
                   epilogue_first: Optional[bool] = None, wide: bool = False,
-                  wide_only: bool = False) -> list[triton.Config]:
+                  wide_only: bool = False, epilogue_heavy: bool = False) -> list[triton.Config]:
     """Forward/dgrad: the tile spans the output channels (up to 128); eight
     warps for wide tiles, where the transformed A tile and the accumulator
     would otherwise exceed the register file (measured with triton_aot).
@@ -173,6 +173,14 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     tensor cores need ~512 and ~1024 cycles: eight warps, two per scheduler,
     so the narrow tile is bound by instruction issue, the wide one by the MMAs.
     ``wide_only`` keeps only that tile (FWD_WIDE_TILE).
+    ``epilogue_heavy`` (a dgrad whose epilogue -- x's tile in, gz's out,
+    two column sums -- is long beside its reduction: 1x1 or stride 2 in
+    parity classes, at most 512 output channels) adds the half-width tile
+    and the x tile loaded first: on the H200 these dgrads ran at 2-5x their
+    memory floor (session 8), and with 128x128 tiles (223-255 registers a
+    thread) one program fills an SM, so nothing overlaps its epilogue; the
+    128x64 ones take 128-136 registers (sm_90, triton 3.6), two programs
+    an SM where that is 128 (the x tile loaded first).
     fp64 (no tensor cores; for checks) gets narrow tiles that fit shared memory."""
     if fp64:
         return [triton.Config({"BLOCK_M": rows_block, "BLOCK_N": _pow2(n_cols, 16, 32), "BLOCK_K": 16,
@@ -194,7 +202,7 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         # config won most of ResNet-v2-50's 3x3 forwards on the H200, so the
         # pipeline depth rather than the step width may be what counts).
         configs.append(triton.Config({**configs[0].kwargs}, num_warps=configs[0].num_warps, num_stages=4))
-    if (small_grid or n_red * taps <= 64) and bn >= 32:
+    if (small_grid or n_red * taps <= 64 or epilogue_heavy) and bn >= 32:
         half, bk = bn // 2, configs[0].kwargs["BLOCK_K"]
         configs.append(triton.Config({**configs[0].kwargs, "BLOCK_N": half},
                                      num_warps=8 if half + bk >= 80 else 4, num_stages=configs[0].num_stages))
@@ -204,7 +212,8 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         if flat is not None:
             configs = [c for c in configs if c.kwargs["FLAT"] == flat]
     configs = [triton.Config({**c.kwargs, "EPILOGUE_FIRST": first}, num_warps=c.num_warps, num_stages=c.num_stages)
-               for first in _forms(epilogue_tile and n_red * taps <= 64, epilogue_first) for c in configs]
+               for first in _forms(epilogue_tile and n_red * taps <= 64 or epilogue_heavy, epilogue_first)
+               for c in configs]
     if wide and n_cols >= 256 and (taps == 1 or flat is not False) and not epilogue_first:
         # (the unrolled 3x3 loop spills with it, and so would an epilogue tile loaded first)
         configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8,
@@ -566,13 +575,19 @@ def _gemm_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype, row
     reaches CAST_WEIGHT_REDUCTION; a small 3x3 one as it is
     (SMALL_WEIGHT_READS); a larger one packed in ``dtype`` with its axes in
     memory in ``order`` (K or C innermost, so that each tap's [C, K] block
-    is dense): one copy kernel that also does autocast's cast."""
+    is dense): one copy kernel that also does autocast's cast. Where the
+    weight already has that innermost axis (C: a channels_last weight, for
+    the dgrad) it is only cast, strides kept: a vectorised cast instead of
+    a transposing copy (8-26 us per ResNet-v2-50 3x3 step on the H200,
+    session 8), and each tap's rows are still contiguous."""
     if weight.shape[2] == 1 and weight.shape[3] == 1:
         if weight.dtype != dtype and 0 < CAST_WEIGHT_REDUCTION <= reduction:
             return weight.to(dtype)  # keeps the weight's strides
         return weight
     if weight.numel() * weight.element_size() * row_tiles <= SMALL_WEIGHT_READS:
         return weight  # read as it is: cheaper than a copy kernel
+    if weight.stride(order[-1]) == 1:
+        return weight.to(dtype)  # (preserve_format: a dense weight keeps its strides)
     src = weight.permute(order)
     packed = torch.empty(src.shape, device=weight.device, dtype=dtype).copy_(src)
     return packed.permute([order.index(axis) for axis in range(4)])
@@ -586,6 +601,13 @@ def _check_channels(c: int, k_out: int) -> None:
     # for ptxas's wgmma pipelining): never launch them without channels.
     if c == 0 or k_out == 0:
         raise ValueError(f"the Triton conv kernels need at least one input and one output channel, got {c} -> {k_out}")
+    # Their flat loops count steps in fp32 (triton_kernels._small_div: exact
+    # below 2**20 steps, 9 taps x channels / 16).
+    if max(c, k_out) > MAX_CHANNELS:
+        raise ValueError(f"the Triton conv kernels take at most {MAX_CHANNELS} channels, got {c} -> {k_out}")
+
+
+MAX_CHANNELS = 1 << 20
 
 
 def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: int, residual: Optional[Tensor],
@@ -668,9 +690,10 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
             w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype, tiles, k_out)  # 3x3: packed [KH, KW, K, C]
             grid = lambda meta: (row_tiles * _cdiv(c, meta["BLOCK_N"]), 4 if parity else 1)  # noqa: E731
             # (The parity path has one loop form: no flat-loop candidates.)
+            heavy = (kh * kw == 1 or parity) and k_out <= 512  # (see _gemm_configs)
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, 1 if parity else kh * kw,
                                                      FLAT_LOOP, _small_grid(tiles, c), kh * kw == 1,
-                                                     EPILOGUE_FIRST_LOAD),
+                                                     EPILOGUE_FIRST_LOAD, False, False, heavy),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
                           "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity,
                           "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD)},

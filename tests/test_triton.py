@@ -19,7 +19,9 @@ from fused_preact import functional
 from conftest import assert_close, forward_backward, randomize_bn
 
 triton = pytest.importorskip("triton")
-from fused_preact import triton_launch, triton_ops  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fused_preact import triton_kernels, triton_launch, triton_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not triton_launch.INTERPRET,
@@ -135,21 +137,61 @@ def test_3x3_weight_packed_or_read_as_is(monkeypatch, weight_format, pack):
     """The forward and dgrad read a small 3x3 weight as it is (in nn.Conv2d's
     layout or channels_last; under autocast the fp32 weight, cast as loaded:
     test_integration's autocast test) and pack a large one
-    (triton_launch.SMALL_WEIGHT_READS): each forced, against the reference."""
+    (triton_launch.SMALL_WEIGHT_READS): each forced, against the reference.
+    The dgrad wants C innermost, which a channels_last weight has: that one
+    is not copied when packing (only cast, where its dtype differs:
+    test_3x3_channels_last_weight_only_cast_for_the_dgrad)."""
     monkeypatch.setattr(triton_launch, "SMALL_WEIGHT_READS", 0 if pack else 1 << 40)
     seen = []
     original = triton_launch._gemm_weight
 
-    def recording(weight, *args):
-        w_gemm = original(weight, *args)
-        seen.append(w_gemm is weight)
+    def recording(weight, order, *args):
+        w_gemm = original(weight, order, *args)
+        seen.append((w_gemm is weight, "dgrad" if order[-1] == 1 else "forward"))
         return w_gemm
 
     monkeypatch.setattr(triton_launch, "_gemm_weight", recording)
     inp, pad = _inputs(2, 6, 7, 7, 5, 3, 1, REF_DTYPE, "channels_last", True)
     inp["weight"] = inp["weight"].contiguous(memory_format=LAYOUTS[weight_format])
     _compare(inp, True, 1, pad, REF_DTYPE)
-    assert seen and all(as_is != pack for as_is in seen)
+    kept = {"forward": not pack, "dgrad": not pack or weight_format == "channels_last"}
+    assert {kernel for _, kernel in seen} == {"forward", "dgrad"}
+    assert all(as_is == kept[kernel] for as_is, kernel in seen), seen
+
+
+def test_3x3_channels_last_weight_only_cast_for_the_dgrad(monkeypatch):
+    """A large channels_last 3x3 weight in another dtype (fp32 under
+    autocast; fp64 against fp32 activations here): the dgrad gets it cast
+    with its strides kept (C innermost, as the dgrad reads it: no
+    transposing copy), the forward a packed copy with K innermost; both
+    gradients and the output against autograd on the same math."""
+    monkeypatch.setattr(triton_launch, "SMALL_WEIGHT_READS", 0)
+    seen = {}
+    original = triton_launch._gemm_weight
+
+    def recording(weight, order, *args):
+        w_gemm = original(weight, order, *args)
+        seen["dgrad" if order[-1] == 1 else "forward"] = (w_gemm.dtype, w_gemm.stride())
+        return w_gemm
+
+    monkeypatch.setattr(triton_launch, "_gemm_weight", recording)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 6, 5, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(20, 24, 3, 3, generator=gen, dtype=torch.float64) / 15).to(DEVICE)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    gamma, beta = torch.rand(24, device=DEVICE) + 0.5, torch.randn(24, device=DEVICE)
+    bn = triton_launch.bn_prepare(x, None, gamma, beta, None, None, True, 0.1, 1e-5)
+    y, _ = triton_launch.conv_forward(x, weight, bn, 1, 1, None, False)
+    grad_y = torch.randn(y.shape, generator=gen).to(DEVICE)
+    grad_x, grad_w, _ = triton_launch.conv_backward(grad_y, x, weight, bn, False, 1, 1, True, True)
+    assert seen["dgrad"] == (torch.float32, weight.stride())  # cast, channels_last strides kept
+    assert seen["forward"][0] == torch.float32 and seen["forward"][1][0] == 1  # packed, K innermost
+    xr, wr = x.detach().clone().requires_grad_(), weight.float().requires_grad_()
+    yr = F.conv2d(torch.relu(xr * bn[2].view(1, -1, 1, 1) + bn[3].view(1, -1, 1, 1)), wr, padding=1)
+    yr.backward(grad_y)
+    assert grad_w.dtype == torch.float64
+    for got, want, name in ((y, yr, "output"), (grad_x, xr.grad, "grad x"), (grad_w, wr.grad, "grad weight")):
+        assert_close(got.float(), want.detach(), torch.float32, name)
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["epilogue-first", "epilogue-last"])
@@ -161,6 +203,39 @@ def test_epilogue_tile_loaded_before_or_after_the_loop(monkeypatch, ksize, strid
     monkeypatch.setattr(triton_launch, "EPILOGUE_FIRST_LOAD", first)
     inp, pad = _inputs(2, 40, 7, 6, 36, ksize, stride, REF_DTYPE, "channels_last", True)
     _compare(inp, True, stride, pad, REF_DTYPE)
+
+
+@pytest.mark.parametrize("ksize, stride, k_out, heavy", [(1, 1, 36, True), (3, 2, 36, True), (3, 1, 36, False),
+                                                         (1, 1, 520, False)])
+def test_epilogue_heavy_dgrads_get_more_candidates(monkeypatch, ksize, stride, k_out, heavy):
+    """The dgrads whose epilogue outweighs their reduction (1x1, or stride 2
+    in parity classes, up to 512 output channels) are autotuned with the x
+    tile loaded first and half-width tiles too (triton_launch._gemm_configs'
+    epilogue_heavy); the others not with the early load (3x3 stride 1, the
+    long 1x1 reductions). Checked on the launcher's config key and the
+    candidates it names with autotuning on."""
+    keys = []
+    original = triton_launch._launch_gemm
+
+    def recording(name, grid, config_key, *args, **kwargs):
+        if name == "conv_dgrad_kernel":
+            keys.append(config_key)
+        return original(name, grid, config_key, *args, **kwargs)
+
+    monkeypatch.setattr(triton_launch, "_launch_gemm", recording)
+    inp, pad = _inputs(2, 40, 5, 6, k_out, ksize, stride, REF_DTYPE, "channels_last", False)
+    x = inp["x"]
+    bn = triton_launch.bn_prepare(x, None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+    y, _ = triton_launch.conv_forward(x, inp["weight"], bn, stride, pad, None, False)
+    triton_launch.conv_backward(torch.ones_like(y), x, inp["weight"], bn, True, stride, pad, True, False)
+    assert len(keys) == 1 and keys[0][-1] is heavy
+    monkeypatch.setattr(triton_launch, "AUTOTUNE", True)
+    rows, cols, red, _fp64, *rest = keys[0][1:]
+    configs = triton_launch._gemm_configs(rows, cols, red, False, *rest)  # the 16-bit candidates
+    widths = {cfg.kwargs["BLOCK_N"] for cfg in configs}
+    assert any(cfg.kwargs["EPILOGUE_FIRST"] for cfg in configs) is heavy
+    if heavy:
+        assert {64, 32} <= widths  # full (40 channels -> 64) and half width
 
 
 @pytest.mark.parametrize("channel_rows", [True, False], ids=["a^T.gy", "gy^T.a"])
@@ -201,6 +276,56 @@ def test_fast_division_is_exact():
         np.testing.assert_array_equal(got, x // np.uint64(d), err_msg=f"d = {d}")
     with pytest.raises(ValueError, match="positive"):
         triton_launch.fast_divisor(0)
+
+
+def test_small_division_in_fp32_is_exact():
+    """The flat loops' step counter a // b as floor((a + 0.5) * (1/b)) in
+    fp32 (triton_kernels._small_div), against numpy's integer division:
+    every a < 9b (the loops' range: 9 taps x b chunks) for every b up to
+    4096, and b up to 2**16 (the channel cap) at the edges (multiples of b
+    and their neighbours) up to 2**20; with 1/b correctly rounded and off by
+    1 or 2 ulp either way (the GPU's fast division)."""
+    import numpy as np
+
+    def check(a, b):
+        inv = np.float32(1.0) / np.float32(b)
+        for ulps in (-2, -1, 0, 1, 2):
+            b_inv = inv
+            for _ in range(abs(ulps)):
+                b_inv = np.nextafter(b_inv, np.float32(np.inf if ulps > 0 else 0), dtype=np.float32)
+            got = ((a.astype(np.float32) + np.float32(0.5)) * b_inv).astype(np.int64)
+            np.testing.assert_array_equal(got, a // b, err_msg=f"b = {b}, {ulps} ulp")
+
+    for b in range(1, 4097):
+        check(np.arange(9 * b, dtype=np.int64), b)
+    rng = np.random.default_rng(0)
+    for b in [*rng.integers(4097, 2**16 + 1, 300).tolist(), 2**16, 2**16 - 1, 2**15 + 1]:
+        q = np.arange(0, (2**20 - 1) // b + 1, dtype=np.int64)
+        a = np.concatenate([q * b, q * b + b - 1, q * b + 1])
+        check(a[(a >= 0) & (a < 2**20)], b)
+
+
+@triton.jit
+def _small_div_probe(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=0)
+    b = tl.load(b_ptr + offs, mask=mask, other=1)
+    tl.store(out_ptr + offs, triton_kernels._small_div(a, 1.0 / tl.cast(b, tl.float32)), mask=mask)
+
+
+def test_small_division_on_the_device():
+    """_small_div itself (compiled on a GPU, where 1.0 / b is the fast fp32
+    division; the interpreter's numpy otherwise) at the range's edges."""
+    gen = torch.Generator().manual_seed(0)
+    b = torch.cat([torch.arange(1, 513), torch.randint(513, 2**16 + 1, (1536,), generator=gen)])
+    q = torch.randint(0, 2**20, (b.numel(),), generator=gen) // b
+    a = torch.cat([q * b, q * b + b - 1, torch.randint(0, 9, (b.numel(),), generator=gen) * b - 1]).clamp(0, 2**20 - 1)
+    b = torch.cat([b, b, b])
+    a, b = a.to(torch.int32).to(DEVICE), b.to(torch.int32).to(DEVICE)
+    out = torch.empty_like(a)
+    _small_div_probe[(triton.cdiv(a.numel(), 1024),)](a, b, out, a.numel(), BLOCK=1024)
+    torch.testing.assert_close(out.cpu(), (a // b).cpu(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("wide", [True, False], ids=["int64-offsets", "int32-offsets"])
@@ -607,6 +732,11 @@ def test_bad_input_names_the_problem():
             functional.bn_relu_conv2d(x, w, None, None, None, None, training=False, backend="triton")
         with pytest.raises(ValueError, match="at least one input and one output channel"):
             triton_launch.conv_forward(x, w, torch.zeros(4, c, device=DEVICE), 1, 0, None, False)
+    # More channels than the flat loops count exactly (triton_kernels._small_div): refused by the check that
+    # both launchers make first.
+    c = triton_launch.MAX_CHANNELS + 1
+    with pytest.raises(ValueError, match=f"at most {triton_launch.MAX_CHANNELS} channels"):
+        triton_launch._check_channels(c, 1)
 
 
 def test_block_outputs_carry_their_statistics_to_the_next_block():
