@@ -21,26 +21,34 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_units.log
 # shellcheck source=benchmarks/gpu_common.sh
 . "$(dirname "$0")/gpu_common.sh"
+# TESTS=none skips the GPU tests; MODELS picks the unit sets (both by default);
+# TRIAL_SIDE_BY_SIDE=1 adds ResNet-164's table with the autotuner's trials timed
+# one launch at a time (FUSED_PREACT_GRAPH_TRIALS=0, the form before session 8).
+MODELS=${MODELS:-"resnet164 resnetv2_50"}
 TESTS=${TESTS:-"small_division or epilogue_heavy or channels_last_weight_only or 3x3_weight_packed or parity_classes or epilogue_tile or both_reduction_loops or 256_column"}
 
 step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
   $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'; nproc"
 # Compile every autotuning candidate of the units' Triton kernels in 10
 # processes (Triton's on-disk cache) while the GPU tests run on 4.
-BENCH=($PY -m fused_preact.bench --device cuda --suite units --units resnet164,resnetv2_50 --dtype bfloat16
+BENCH=($PY -m fused_preact.bench --device cuda --suite units --units "${MODELS// /,}" --dtype bfloat16
        --providers eager_cl,triton --no-progress)
 echo "=== compile in the background (limit 240s, at +$(($(date +%s) - T0))s)" | tee -a "$LOG"
 timeout --kill-after=5 240 "${BENCH[@]}" --out "$OUT/warm" --warm-workers 10 --warm-only > "$OUT/warm.log" 2>&1 &
 WARM=$!
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
-step triton_tests 150 env FUSED_PREACT_TRITON_AUTOTUNE=0 $PY -m pytest -q -rfE $XDIST -p no:cacheprovider -p no:benchmark tests/test_triton.py -k "$TESTS"
+[ "$TESTS" = none ] || step triton_tests 150 env FUSED_PREACT_TRITON_AUTOTUNE=0 $PY -m pytest -q -rfE $XDIST \
+  -p no:cacheprovider -p no:benchmark tests/test_triton.py -k "$TESTS"
 wait $WARM
 echo "=== compile: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 cat "$OUT/warm.log" >> "$LOG"; rm -rf "$OUT"/warm*
-for set in resnet164:60 resnetv2_50:120; do  # one process each: a killed one loses only its own table
-  step "kernel_times_${set%:*}" "${set#*:}" $PY benchmarks/kernel_times.py --providers eager_cl,triton \
-    --units "${set%:*}" --steps 10 --out "$OUT/kernel_times_${set%:*}"
+for model in $MODELS; do  # one process each: a killed one loses only its own table
+  step "kernel_times_$model" "$([ "$model" = resnetv2_50 ] && echo 120 || echo 60)" $PY benchmarks/kernel_times.py \
+    --providers eager_cl,triton --units "$model" --steps 10 --out "$OUT/kernel_times_$model"
 done
+[ "${TRIAL_SIDE_BY_SIDE:-0}" = 1 ] && step kernel_times_single_launch_trials 60 env FUSED_PREACT_GRAPH_TRIALS=0 \
+  $PY benchmarks/kernel_times.py --providers eager_cl,triton --units resnet164 --steps 10 \
+  --out "$OUT/kernel_times_single_launch_trials"
 # (Side-by-side steps of earlier sessions, answered and recorded in
 # benchmarks/RESULTS.md: the stride-2 dgrad with all taps,
 # FUSED_PREACT_DGRAD_PARITY=0; fp32 1x1 weights uncast,
@@ -50,7 +58,7 @@ done
 [ "${GRAPHS:-0}" = 1 ] && step graphs 50 "${BENCH[@]}" --units resnet164 --repeats 20 --warmup 3 \
   --cuda-graph --warm-workers 0 --out "$OUT/bench"
 grep -E "passed|failed|=== " "$LOG" | tail -n 12
-head -n 22 "$OUT"/kernel_times_resnet164/kernel_times.md "$OUT"/kernel_times_resnetv2_50/kernel_times.md 2>/dev/null
+head -n 22 "$OUT"/kernel_times_*/kernel_times.md 2>/dev/null
 sed -n '/## Units/,/### The same/p' "$OUT/bench/report.md" 2>/dev/null | head -n 20
 tar -czf /tmp/gpu_units.tar.gz -C "$OUT" --exclude='*.png' . 2>> "$LOG" && \
   find "$OUT" -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} + && mv /tmp/gpu_units.tar.gz "$OUT/"

@@ -273,26 +273,23 @@ def _small_div(a, b_inv):
     integer; b_inv's error (up to 2 ulp: the GPU's fast fp32 division) and
     the product's rounding move it by under (a + 0.5)/b * 2**-21.6, less
     than that while a < 2**20. Four instructions where an integer division
-    by a runtime value takes ~25: the flat loops' step counters, where a <
-    9 * chunks of 16+ channels (triton_launch caps channels at 2**20).
+    by a runtime value takes ~25: the parity dgrad's step counter, where a <
+    4 * chunks of 16+ channels (triton_launch caps channels at 2**20).
     test_triton checks it exhaustively over that range with b_inv off by
     0-2 ulp either way, and through this function on the device."""
     return tl.cast((tl.cast(a, tl.float32) + 0.5) * b_inv, tl.int32)
 
 
 @triton.jit
-def _flat_tap(it, chunks, chunks_inv, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+def _flat_tap(it, chunks, KW: tl.constexpr, BLOCK_K: tl.constexpr):
     """Iteration ``it`` of a flat reduction loop over taps x chunks of
-    BLOCK_K channels: (kh, kw, the chunk's channel offsets); ``chunks_inv``
-    = 1.0 / chunks for _small_div, or None for the integer division. The
-    dgrad takes the first (195 -> 183 instructions a 128x128x64 step); in
-    the forward either of it and counters carried by the loop (tried in
-    session 7) save ~10-15 of ~430 but make ptxas serialize its wgmmas
-    (sm_90, triton 3.6), so it keeps the division."""
-    if chunks_inv is None:
-        tap = it // chunks
-    else:
-        tap = _small_div(it, chunks_inv)
+    BLOCK_K channels: (kh, kw, the chunk's channel offsets). (Counters
+    carried by the loop, or _small_div's fp32 division, save ~10-15 of ~430
+    instructions a step, but made ptxas serialize the 3x3 forward's wgmmas:
+    sm_90, triton 3.6. In the stride-1 dgrad _small_div saved 12 of 195 and
+    the 16-channel flat dgrad then measured 2.2x slower in the autotuner's
+    trials on the H200, session 8, cause not found: both keep the division.)"""
+    tap = it // chunks
     kh = tap // KW
     return kh, tap - kh * KW, (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
 
@@ -368,7 +365,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
         chunks = tl.cdiv(C, BLOCK_K)
         tl.assume(KH * KW * chunks > 0)
         for it in range(0, KH * KW * chunks):
-            kh, kw, offs_c = _flat_tap(it, chunks, None, KW, BLOCK_K)
+            kh, kw, offs_c = _flat_tap(it, chunks, KW, BLOCK_K)
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -515,10 +512,9 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                              DOT_DTYPE, INPUT_PRECISION, WIDE_INDEX, EVEN_K)
     elif FLAT:
         chunks = tl.cdiv(K, BLOCK_K)
-        chunks_inv = 1.0 / tl.cast(chunks, tl.float32)
         tl.assume(KH * KW * chunks > 0)
         for it in range(0, KH * KW * chunks):
-            kh, kw, offs_k = _flat_tap(it, chunks, chunks_inv, KW, BLOCK_K)
+            kh, kw, offs_k = _flat_tap(it, chunks, KW, BLOCK_K)
             th = h + PAD - kh
             oh = th // STRIDE
             tw = w + PAD - kw

@@ -305,6 +305,20 @@ def test_small_division_in_fp32_is_exact():
         check(a[(a >= 0) & (a < 2**20)], b)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (the interpreter has no autotuning trials)")
+def test_graph_trial_times_each_launch():
+    """The autotuner's trial on a GPU (triton_launch._trial): a CUDA graph of
+    TRIAL_LAUNCHES launches replayed TRIAL_REPLAYS times (plus a warm-up
+    replay and one launch before the capture), every launch run, times per
+    launch at the three quantiles, in order; no fallback to single launches."""
+    counter = torch.zeros(1, device=DEVICE)
+    times = triton_launch._trial(lambda: counter.add_(1), (0.5, 0.2, 0.8))
+    runs = 1 + triton_launch.TRIAL_LAUNCHES * (1 + triton_launch.TRIAL_REPLAYS)
+    assert counter.item() == runs
+    assert len(times) == 3 and 0 < times[1] <= times[0] <= times[2] < 1.0, times
+    assert not triton_launch._graph_trials_failed
+
+
 @triton.jit
 def _small_div_probe(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
