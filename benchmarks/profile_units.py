@@ -37,6 +37,8 @@ SUMMARY_METRICS = [
     ("memory %", "Memory Throughput"),
     ("DRAM %", "DRAM Throughput"),
     ("occupancy % (achieved / theoretical)", ("Achieved Occupancy", "Theoretical Occupancy")),
+    ("issue slots busy %", "Issue Slots Busy"),
+    ("no eligible warp %", "No Eligible"),
     ("registers", "Registers Per Thread"),
     ("shared KB / block", "Dynamic Shared Memory Per Block"),
     ("grid", "Grid Size"),
@@ -69,7 +71,10 @@ def summarize(path: str) -> list[str]:
     for row in csv.DictReader(lines):
         key = (row.get("ID"), row.get("Kernel Name", "?"))
         metrics = kernels.setdefault(key, {"Grid Size": row.get("Grid Size", "")})
-        metrics[row.get("Metric Name", "")] = (row.get("Metric Value", ""), row.get("Metric Unit", ""))
+        name, unit = row.get("Metric Name", ""), row.get("Metric Unit", "")
+        if metrics.get(name, ("", ""))[1] == "%" and unit != "%":
+            continue  # "Memory Throughput" is a % in SpeedOfLight and bytes/s in MemoryWorkloadAnalysis
+        metrics[name] = (row.get("Metric Value", ""), unit)
 
     def value(metrics, name):
         if isinstance(name, tuple):
@@ -82,7 +87,7 @@ def summarize(path: str) -> list[str]:
             except ValueError:
                 return number
             if name == "Duration":
-                x *= {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(unit, 1.0)
+                x *= {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(unit, 1.0)
             if name == "Dynamic Shared Memory Per Block":
                 x /= {"byte": 1024, "Kbyte": 1, "kbyte": 1}.get(unit, 1024)
             return f"{x:.1f}" if x != int(x) else f"{int(x)}"
