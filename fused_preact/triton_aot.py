@@ -81,7 +81,7 @@ def _specialize(fn, dtype: str, constexprs: dict, pointer_dtypes: Optional[dict]
     data_ptrs = {"x_ptr", "w_ptr", "res_ptr", "y_ptr", "gy_ptr", "gz_ptr", "gx_ptr"}
     channel_strides = {"sxc", "syc", "src", "sgc"}
     divisible = {"C", "K", "sxn", "sxh", "sxw", "syn", "syh", "syw", "srn", "srh", "srw", "sgn", "sgh", "sgw",
-                 "swk", "swc", "swh", "sww", "sps", "spk", "spc", "sph"}
+                 "swk", "swc", "swh", "sww", "sps", "spk", "spc", "sph", "A", "B", "ssb", "ssh", "ssw", "N"}
     sig, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(fn.arg_names):
         if name in channel_strides:
@@ -236,8 +236,9 @@ def _configs(kernel: str, all_configs: bool):
 
 
 def _small_kernels(dtype: str):
-    """The reductions and the elementwise kernel, at their launch configs
-    (the per-channel merges at triton_launch.MERGE_T x MERGE_C)."""
+    """The reductions, the elementwise kernel and the weight's pack, at
+    their launch configs (the per-channel merges at triton_launch.MERGE_T x
+    MERGE_C): (kernel, variant, constexprs, warps[, pointer dtypes])."""
     from . import triton_launch as L
 
     fp64 = dtype == "fp64"
@@ -255,6 +256,12 @@ def _small_kernels(dtype: str):
                f"{'' if batch else ',eval'}{',update' if update else ''}",
                {"FROM_PARTIALS": partials, "BATCH_STATS": batch, "UPDATE_RUNNING": update, "HAS_GAMMA": True,
                 "HAS_BETA": True, **merge, "IS_FP64": fp64}, 4)
+    for block_s in (2, 16, 64):  # the weight gradient's split sum: fp32 (fp64) partials into the fp32 weight
+        yield "split_sum_kernel", f"splits<={block_s}", {"BLOCK_S": block_s, "BLOCK_N": 128}, 4
+    # The forward's packed 3x3 weight from an fp32 (fp64) channels_last one (C, its rows here, innermost).
+    param = "fp64" if fp64 else "fp32"
+    yield ("pack_weight_kernel", "", {"ssa": 1, "BLOCK_A": L.PACK_BLOCK, "BLOCK_B": L.PACK_BLOCK}, 4,
+           {"src_ptr": param, "dst_ptr": _TYPE.get(dtype, dtype)})
 
 
 def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
@@ -290,8 +297,8 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
                     if take:
                         jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,
                                      cfg.num_stages, default, pointers))
-        for kernel, variant, constexprs, warps in _small_kernels(dtype):
-            jobs.append((kernel, dtype, variant, constexprs, warps, 3, True, {}))
+        for kernel, variant, constexprs, warps, *pointers in _small_kernels(dtype):
+            jobs.append((kernel, dtype, variant, constexprs, warps, 3, True, pointers[0] if pointers else {}))
     return jobs
 
 

@@ -7,7 +7,8 @@ Tensors are addressed through their four strides (n, c, h, w), so NCHW and
 channels_last inputs are both read in place; channels_last is the fast one
 (the channel axis, which the GEMMs tile, is contiguous there). Rows of every
 GEMM are pixels m = (n, h, w) of the output (forward, wgrad) or of the input
-(dgrad); offsets are int64 because N*C*H*W can pass 2**31.
+(dgrad); offsets are int32, or int64 where a tensor reaches 2**30 elements
+(WIDE_INDEX, decided per launch).
 
 Kernels:
   channel_stats_partial   per (row tile, channel): mean and M2 of x
@@ -23,6 +24,8 @@ Kernels:
                           sums of gz and gz*xhat
   bn_grad_input           gx = gz*scale + x*k1 + k0   (BN backward, one pass)
   conv_wgrad              split-K partials of gW = a^T gy, a recomputed from x
+  split_sum               the sum of those partials, in the weight's dtype
+  pack_weight             a 3x3 weight's taps as dense [C, K] blocks, cast
 
 Padding taps read zero from the *activated* tensor: the prologue masks the
 activated tile, so relu(shift) never leaks into the border (DESIGN.md §2).
@@ -676,3 +679,44 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     else:
         tl.store(out + offs_k[:, None] * spk + offs_c[None, :] * spc, acc.to(part_ptr.dtype.element_ty),
                  mask=mask_k[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def split_sum_kernel(part_ptr, out_ptr, N, SPLIT, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[i] = sum over s < SPLIT of part[s*N + i], for i < N: the weight
+    gradient's split partials (each laid out as the gradient, in storage
+    order) summed in their dtype, in order, and stored in out's. BLOCK_S
+    splits are loaded at once (independent loads), so a program waits for
+    memory SPLIT / BLOCK_S times, not SPLIT times."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=part_ptr.dtype.element_ty)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        tile = tl.load(part_ptr + offs_s[:, None] * N + offs_n[None, :],
+                       mask=(offs_s < SPLIT)[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def pack_weight_kernel(src_ptr, dst_ptr, A, B, KW, ssa, ssb, ssh, ssw, BLOCK_A: tl.constexpr,
+                       BLOCK_B: tl.constexpr):
+    """dst[tap, a, b] = src[a, b at tap (kh, kw)] with tap = kh*KW + kw:
+    each tap's [A, B] block of a [K, C, KH, KW] weight, read through its
+    strides (ssa, ssb, ssh, ssw), written dense with b innermost and cast to
+    dst's dtype. The forward's packed weight (A = C, B = K, from a
+    channels_last weight whose C is innermost): a tiled transpose, each tile
+    read along one axis and written along the other (Triton moves it
+    between the two layouts through shared memory), where a strided copy
+    reads or writes with a stride on one side (18.5 us against ~3 us of
+    memory for ResNet-v2-50's 512-channel 3x3 weight on the H200)."""
+    tap = tl.program_id(0)
+    kh = tap // KW
+    kw = tap - kh * KW
+    offs_a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = (offs_a < A)[:, None] & (offs_b < B)[None, :]
+    w = tl.load(src_ptr + kh * ssh + kw * ssw + offs_a[:, None] * ssa + offs_b[None, :] * ssb, mask=mask)
+    tl.store(dst_ptr + tap * A * B + offs_a[:, None] * B + offs_b[None, :], w.to(dst_ptr.dtype.element_ty),
+             mask=mask)

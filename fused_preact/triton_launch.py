@@ -639,9 +639,43 @@ def _gemm_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype, row
         return weight  # read as it is: cheaper than a copy kernel
     if weight.stride(order[-1]) == 1:
         return weight.to(dtype)  # (preserve_format: a dense weight keeps its strides)
-    src = weight.permute(order)
-    packed = torch.empty(src.shape, device=weight.device, dtype=dtype).copy_(src)
+    return _pack_weight(weight, order, dtype)
+
+
+def _pack_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The [K, C, KH, KW] view of a copy of ``weight`` in ``dtype`` whose
+    axes lie in memory in ``order`` (KH, KW, then two channel axes): one
+    pack_weight_kernel launch, a tiled transpose (int32 offsets, so a
+    weight of 2**31 elements takes torch's copy)."""
+    assert tuple(order[:2]) == (2, 3), order
+    a_axis, b_axis = order[2], order[3]
+    kh, kw = weight.shape[2], weight.shape[3]
+    rows, cols = weight.shape[a_axis], weight.shape[b_axis]
+    packed = torch.empty((kh, kw, rows, cols), device=weight.device, dtype=dtype)
+    if weight.numel() >= 2**31 or max(s * (n - 1) for s, n in zip(weight.stride(), weight.shape)) >= 2**31:
+        packed.copy_(weight.permute(order))
+    elif packed.numel() > 0:
+        _run("pack_weight_kernel", (kh * kw, _cdiv(rows, PACK_BLOCK), _cdiv(cols, PACK_BLOCK)),
+             weight, packed, rows, cols, kw, weight.stride(a_axis), weight.stride(b_axis), weight.stride(2),
+             weight.stride(3), BLOCK_A=PACK_BLOCK, BLOCK_B=PACK_BLOCK)
     return packed.permute([order.index(axis) for axis in range(4)])
+
+
+PACK_BLOCK = 64
+
+
+def _split_sum(part: Tensor, out: Tensor) -> None:
+    """out = part.sum(0) for the weight gradient's split partials, each laid
+    out as ``out`` (dense): one split_sum_kernel launch in place of torch's
+    generic reduction (4-8 us for these 1-150 k element gradients on the
+    H200, session 8). torch.sum where the offsets would pass int32."""
+    split, n = part.shape[0], out.numel()
+    if split * n >= 2**31:
+        torch.sum(part, 0, out=out)
+        return
+    block_n = 32 if INTERPRET else 128
+    _run("split_sum_kernel", (_cdiv(n, block_n),), part, out, n, split, BLOCK_S=_pow2(split, 2, 64),
+         BLOCK_N=block_n)
 
 
 # ---------------------------------------------------------------- forward
@@ -794,7 +828,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                          WIDE_INDEX=_wide_index(x, grad_y, part), DENSE_ROWS=_dense_rows(x) and _dense_rows(grad_y))
             if split > 1:
-                torch.sum(part, 0, out=grad_w)
+                _split_sum(part, grad_w)
         else:
             grad_w.zero_()
     return grad_x, grad_w, bn_grads

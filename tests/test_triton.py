@@ -305,6 +305,49 @@ def test_small_division_in_fp32_is_exact():
         check(a[(a >= 0) & (a < 2**20)], b)
 
 
+@pytest.mark.parametrize("order", [(2, 3, 1, 0), (2, 3, 0, 1)], ids=["K-innermost", "C-innermost"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_weight_pack_is_the_permuted_copy(layout, order):
+    """triton_launch._pack_weight (pack_weight_kernel, a tiled transpose
+    cast to the data dtype) against torch's permuted copy, exactly: 3x3
+    weights in nn.Conv2d's layout, channels_last and a sliced view, channel
+    counts that leave tails in both tile axes; the result is a [K, C, KH,
+    KW] view of a tensor dense in ``order``."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(70, 150, 3, 3, generator=gen, dtype=torch.float64).to(DEVICE)
+    if layout == "channels_last":
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        weight = weight[3:70:2, 5:140]  # 34 x 135, strides of the full tensor
+    packed = triton_launch._pack_weight(weight, order, torch.float32)
+    assert packed.shape == weight.shape and packed.dtype == torch.float32
+    assert packed.permute(order).is_contiguous()
+    assert torch.equal(packed, weight.float())
+
+
+@pytest.mark.parametrize("split", [2, 3, 16, 70])
+def test_split_sum_matches_torch(split):
+    """triton_launch._split_sum (split_sum_kernel) against torch.sum over the
+    splits: partials laid out as a channels_last gradient, fp64 partials
+    into an fp32 gradient (the sum in fp64, then cast, as the kernel does
+    with fp32 partials and a bf16 weight) and fp32 into fp32; split counts
+    below, at and above one block of splits (64), element counts with a
+    tail."""
+    gen = torch.Generator().manual_seed(split)
+    for part_dtype, out_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float32)):
+        out = torch.empty(36, 20, 3, 3, dtype=out_dtype, device=DEVICE, memory_format=torch.channels_last)
+        part = torch.empty_strided((split, *out.shape), (out.numel(), *out.stride()), dtype=part_dtype,
+                                   device=DEVICE)
+        part.copy_(torch.randn(part.shape, generator=gen, dtype=part_dtype))
+        triton_launch._split_sum(part, out)
+        want = part.double().sum(0)
+        # fp32 partials: summed in another order than torch's, so within the
+        # bound of an fp32 sum's rounding (split ulps of the largest sum of
+        # magnitudes); fp64 ones: the fp64 sum, rounded once to fp32.
+        atol = split * torch.finfo(part_dtype).eps * part.abs().sum(0).max().item()
+        torch.testing.assert_close(out.double(), want, rtol=1e-7, atol=atol)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (the interpreter has no autotuning trials)")
 def test_graph_trial_times_each_launch():
     """The autotuner's trial on a GPU (triton_launch._trial): a CUDA graph of
