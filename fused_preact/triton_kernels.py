@@ -25,7 +25,7 @@ Kernels:
   bn_grad_input           gx = gz*scale + x*k1 + k0   (BN backward, one pass)
   conv_wgrad              split-K partials of gW = a^T gy, a recomputed from x
   split_sum               the sum of those partials, in the weight's dtype
-  pack_weight             a 3x3 weight's taps as dense [C, K] blocks, cast
+  pack_weight             a 3x3 weight's taps as dense [C, K] (or [K, C]) blocks, cast
 
 Padding taps read zero from the *activated* tensor: the prologue masks the
 activated tile, so relu(shift) never leaks into the border (DESIGN.md §2).

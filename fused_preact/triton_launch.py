@@ -172,7 +172,9 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     flat 3x3 forward's loop issues 429 instructions per 128x128x64 step
     against 453 per 128x256x64 one (sm_90 SASS, triton 3.6), where the
     tensor cores need ~512 and ~1024 cycles: eight warps, two per scheduler,
-    so the narrow tile is bound by instruction issue, the wide one by the MMAs.
+    so by the SASS the narrow tile would be bound by instruction issue (on
+    the H200 it picked the wide tile for every stage-3 forward, 1.4x faster;
+    Nsight Compute then found the large forwards latency-bound: session 8).
     ``wide_only`` keeps only that tile (FWD_WIDE_TILE).
     ``epilogue_heavy`` (a dgrad whose epilogue -- x's tile in, gz's out,
     two column sums -- is long beside its reduction: 1x1 or stride 2 in
@@ -626,11 +628,10 @@ def _gemm_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype, row
     reaches CAST_WEIGHT_REDUCTION; a small 3x3 one as it is
     (SMALL_WEIGHT_READS); a larger one packed in ``dtype`` with its axes in
     memory in ``order`` (K or C innermost, so that each tap's [C, K] block
-    is dense): one copy kernel that also does autocast's cast. Where the
-    weight already has that innermost axis (C: a channels_last weight, for
-    the dgrad) it is only cast, strides kept: a vectorised cast instead of
-    a transposing copy (8-26 us per ResNet-v2-50 3x3 step on the H200,
-    session 8), and each tap's rows are still contiguous."""
+    is dense): one launch of _pack_weight, which also does autocast's cast.
+    Where the weight already has that innermost axis (C: a channels_last
+    weight, for the dgrad) it is only cast, strides kept: a vectorised cast
+    instead of a transposing copy, and each tap's rows are still contiguous."""
     if weight.shape[2] == 1 and weight.shape[3] == 1:
         if weight.dtype != dtype and 0 < CAST_WEIGHT_REDUCTION <= reduction:
             return weight.to(dtype)  # keeps the weight's strides
@@ -686,8 +687,8 @@ def _check_channels(c: int, k_out: int) -> None:
     # for ptxas's wgmma pipelining): never launch them without channels.
     if c == 0 or k_out == 0:
         raise ValueError(f"the Triton conv kernels need at least one input and one output channel, got {c} -> {k_out}")
-    # Their flat loops count steps in fp32 (triton_kernels._small_div: exact
-    # below 2**20 steps, 9 taps x channels / 16).
+    # The stride-2 dgrad counts its steps in fp32 (triton_kernels._small_div:
+    # exact below 2**20 steps, up to 4 taps x channels / 16).
     if max(c, k_out) > MAX_CHANNELS:
         raise ValueError(f"the Triton conv kernels take at most {MAX_CHANNELS} channels, got {c} -> {k_out}")
 
