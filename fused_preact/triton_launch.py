@@ -157,7 +157,9 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     (the full-width tiles would not give every SM two programs, as in the
     deep stages: ResNet-164's third stage at batch 128 makes 64 programs of
     128 x 64) adds half-width tiles (BLOCK_N / 2: twice the programs, each
-    activation tile loaded by two of them) as candidates; so does a
+    activation tile loaded by two of them) as candidates, also with
+    32-wide steps and 4 stages (few enough registers for two programs per
+    SM); so does a
     reduction of at most 64 (the 1x1 units' dgrad/forward with 16-64 input
     channels: one or two MMA steps, then an epilogue that moves the whole
     tile, which smaller programs, more of them per SM, may overlap better --
@@ -209,6 +211,17 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         half, bk = bn // 2, configs[0].kwargs["BLOCK_K"]
         configs.append(triton.Config({**configs[0].kwargs, "BLOCK_N": half},
                                      num_warps=8 if half + bk >= 80 else 4, num_stages=configs[0].num_stages))
+        narrow_bk = _pow2(n_red, 16, 32)
+        if small_grid and narrow_bk != bk:
+            # Two programs per SM: the half-width forward with 32-wide steps
+            # takes 85-122 registers with eight warps (128x64x32, 4 stages,
+            # 98 flat; sm_90, triton 3.6), where the 64-wide one takes 136-138
+            # and one program fills an SM. On the H200 the large forwards
+            # were latency-bound at one program per SM (Nsight Compute: 24%
+            # of issue slots busy), and stage 4's 128x128 tiles make 100
+            # programs for 132 SMs (session 8).
+            configs.append(triton.Config({**configs[0].kwargs, "BLOCK_N": half, "BLOCK_K": narrow_bk},
+                                         num_warps=8, num_stages=4))
     if taps > 1:
         configs += [triton.Config({**c.kwargs, "FLAT": True}, num_warps=c.num_warps, num_stages=c.num_stages)
                     for c in configs]

@@ -238,6 +238,20 @@ def test_epilogue_heavy_dgrads_get_more_candidates(monkeypatch, ksize, stride, k
         assert {64, 32} <= widths  # full (40 channels -> 64) and half width
 
 
+@pytest.mark.parametrize("small_grid", [True, False], ids=["small-grid", "full-grid"])
+def test_small_grids_get_narrow_two_per_sm_candidates(monkeypatch, small_grid):
+    """Where full-width tiles leave SMs without two programs (_small_grid),
+    the candidates include half-width tiles with 32-wide steps, 8 warps and
+    4 stages (few enough registers for two programs per SM), in both loop
+    forms for 3x3; elsewhere not."""
+    monkeypatch.setattr(triton_launch, "AUTOTUNE", True)
+    configs = triton_launch._gemm_configs(triton_launch.ROWS_GPU, 512, 512, taps=9, small_grid=small_grid)
+    narrow = {(c.kwargs["FLAT"], c.num_warps, c.num_stages) for c in configs
+              if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 32}
+    assert narrow == ({(False, 8, 4), (True, 8, 4)} if small_grid else set())
+    assert triton_launch._small_grid(25, 512) and not triton_launch._small_grid(392, 128)  # ResNet-v2-50 s4, s2
+
+
 @pytest.mark.parametrize("channel_rows", [True, False], ids=["a^T.gy", "gy^T.a"])
 @pytest.mark.parametrize("weight_format", LAYOUTS)
 @pytest.mark.parametrize("ksize, stride", [(3, 1), (3, 2), (1, 1)])
