@@ -100,16 +100,25 @@ def fast_divisor(d: int) -> tuple[int, int]:
 # beyond the tensor that are never read but must not overflow. The largest
 # offset is bounded by the tensor's storage (its extent through the strides
 # for a tensor that owns its storage; more for a view of a larger one): one
-# call per tensor, a third of the host time of summing over the strides. None = decided per launch; True/False forces one form (tests);
-# env FUSED_PREACT_WIDE_INDEX=1 forces int64 (the form before session 7, for
-# a side-by-side measurement).
+# call per tensor, a third of the host time of summing over the strides.
+# None = decided per launch; True/False forces one form (tests); env
+# FUSED_PREACT_WIDE_INDEX=1 forces int64 (the form before session 7, for a
+# side-by-side measurement).
 WIDE_INDEX: Optional[bool] = True if os.environ.get("FUSED_PREACT_WIDE_INDEX") == "1" else None
 
 
 def _wide_index(*tensors: Tensor) -> bool:
     if WIDE_INDEX is not None:
         return WIDE_INDEX
-    return any(t.untyped_storage().nbytes() > t.element_size() << 30 for t in tensors)
+    return any(_storage_reaches_2_30(t) for t in tensors)
+
+
+def _storage_reaches_2_30(t: Tensor) -> bool:
+    """Whether an offset into ``t`` may reach 2**30 elements (its storage's
+    size bounds them): where int32 offsets, with half their range as
+    margin, no longer do (the GEMMs' WIDE_INDEX; the pack and split-sum
+    kernels, int32 only, then leave the work to torch)."""
+    return t.untyped_storage().nbytes() > t.element_size() << 30
 
 
 def _dense_rows(t: Tensor) -> bool:
@@ -660,13 +669,13 @@ def _pack_weight(weight: Tensor, order: tuple[int, ...], dtype: torch.dtype) -> 
     """The [K, C, KH, KW] view of a copy of ``weight`` in ``dtype`` whose
     axes lie in memory in ``order`` (KH, KW, then two channel axes): one
     pack_weight_kernel launch, a tiled transpose (int32 offsets, so a
-    weight of 2**31 elements takes torch's copy)."""
+    weight whose storage reaches 2**30 elements takes torch's copy)."""
     assert tuple(order[:2]) == (2, 3), order
     a_axis, b_axis = order[2], order[3]
     kh, kw = weight.shape[2], weight.shape[3]
     rows, cols = weight.shape[a_axis], weight.shape[b_axis]
     packed = torch.empty((kh, kw, rows, cols), device=weight.device, dtype=dtype)
-    if weight.numel() >= 2**31 or max(s * (n - 1) for s, n in zip(weight.stride(), weight.shape)) >= 2**31:
+    if _storage_reaches_2_30(weight) or _storage_reaches_2_30(packed):
         packed.copy_(weight.permute(order))
     elif packed.numel() > 0:
         _run("pack_weight_kernel", (kh * kw, _cdiv(rows, PACK_BLOCK), _cdiv(cols, PACK_BLOCK)),
@@ -682,9 +691,9 @@ def _split_sum(part: Tensor, out: Tensor) -> None:
     """out = part.sum(0) for the weight gradient's split partials, each laid
     out as ``out`` (dense): one split_sum_kernel launch in place of torch's
     generic reduction (4-8 us for these 1-150 k element gradients on the
-    H200, session 8). torch.sum where the offsets would pass int32."""
+    H200, session 8). torch.sum where the offsets would need int64."""
     split, n = part.shape[0], out.numel()
-    if split * n >= 2**31:
+    if _storage_reaches_2_30(part):
         torch.sum(part, 0, out=out)
         return
     block_n = 32 if INTERPRET else 128

@@ -179,15 +179,25 @@ def test_3x3_channels_last_weight_only_cast_for_the_dgrad(monkeypatch):
     x = torch.randn(2, 24, 6, 5, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(20, 24, 3, 3, generator=gen, dtype=torch.float64) / 15).to(DEVICE)
     weight = weight.contiguous(memory_format=torch.channels_last)
-    gamma, beta = torch.rand(24, device=DEVICE) + 0.5, torch.randn(24, device=DEVICE)
-    bn = triton_launch.bn_prepare(x, None, gamma, beta, None, None, True, 0.1, 1e-5)
-    y, _ = triton_launch.conv_forward(x, weight, bn, 1, 1, None, False)
-    grad_y = torch.randn(y.shape, generator=gen).to(DEVICE)
-    grad_x, grad_w, _ = triton_launch.conv_backward(grad_y, x, weight, bn, False, 1, 1, True, True)
+    _fp64_weight_against_autograd(x, weight, 1, gen)
     assert seen["dgrad"] == (torch.float32, weight.stride())  # cast, channels_last strides kept
     assert seen["forward"][0] == torch.float32 and seen["forward"][1][0] == 1  # packed, K innermost
+
+
+def _fp64_weight_against_autograd(x, weight, padding, gen):
+    """The fused unit's forward and backward (inference BN from x's batch
+    statistics) with fp32 activations and an fp64 weight, standing in for
+    bf16 and autocast's fp32: output, input and weight gradients against
+    autograd on the same math with the weight rounded to fp32, the weight
+    gradient in the weight's dtype."""
+    c = x.shape[1]
+    gamma, beta = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    bn = triton_launch.bn_prepare(x, None, gamma, beta, None, None, True, 0.1, 1e-5)
+    y, _ = triton_launch.conv_forward(x, weight, bn, 1, padding, None, False)
+    grad_y = torch.randn(y.shape, generator=gen).to(DEVICE)
+    grad_x, grad_w, _ = triton_launch.conv_backward(grad_y, x, weight, bn, False, 1, padding, True, True)
     xr, wr = x.detach().clone().requires_grad_(), weight.float().requires_grad_()
-    yr = F.conv2d(torch.relu(xr * bn[2].view(1, -1, 1, 1) + bn[3].view(1, -1, 1, 1)), wr, padding=1)
+    yr = F.conv2d(torch.relu(xr * bn[2].view(1, -1, 1, 1) + bn[3].view(1, -1, 1, 1)), wr, padding=padding)
     yr.backward(grad_y)
     assert grad_w.dtype == torch.float64
     for got, want, name in ((y, yr, "output"), (grad_x, xr.grad, "grad x"), (grad_w, wr.grad, "grad weight")):
@@ -293,9 +303,9 @@ def test_fast_division_is_exact():
 
 
 def test_small_division_in_fp32_is_exact():
-    """The flat loops' step counter a // b as floor((a + 0.5) * (1/b)) in
-    fp32 (triton_kernels._small_div), against numpy's integer division:
-    every a < 9b (the loops' range: 9 taps x b chunks) for every b up to
+    """The stride-2 dgrad's step counter a // b as floor((a + 0.5) * (1/b))
+    in fp32 (triton_kernels._small_div), against numpy's integer division:
+    every a < 9b (its range is 4 taps x b chunks; 9 for any 3x3 loop) for every b up to
     4096, and b up to 2**16 (the channel cap) at the edges (multiples of b
     and their neighbours) up to 2**20; with 1/b correctly rounded and off by
     1 or 2 ulp either way (the GPU's fast division)."""
@@ -530,18 +540,8 @@ def test_1x1_weight_of_another_dtype_cast_or_read_as_is(monkeypatch, cast):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 40, 5, 6, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(36, 40, 1, 1, generator=gen, dtype=torch.float64).to(DEVICE) / 6
-    gamma, beta = torch.rand(40, device=DEVICE) + 0.5, torch.randn(40, device=DEVICE)
-    bn = triton_launch.bn_prepare(x, None, gamma, beta, None, None, True, 0.1, 1e-5)
-    y, _ = triton_launch.conv_forward(x, weight, bn, 1, 0, None, False)
-    grad_y = torch.randn(y.shape, generator=gen).to(DEVICE)
-    grad_x, grad_w, _ = triton_launch.conv_backward(grad_y, x, weight, bn, False, 1, 0, True, True)
+    _fp64_weight_against_autograd(x, weight, 0, gen)
     assert seen == [torch.float32 if cast else torch.float64] * 2
-    xr, wr = x.detach().clone().requires_grad_(), weight.float().requires_grad_()
-    yr = F.conv2d(torch.relu(xr * bn[2].view(1, -1, 1, 1) + bn[3].view(1, -1, 1, 1)), wr)
-    yr.backward(grad_y)
-    assert grad_w.dtype == torch.float64
-    for got, want, name in ((y, yr, "output"), (grad_x, xr.grad, "grad x"), (grad_w, wr.grad, "grad weight")):
-        assert_close(got.float(), want.detach(), torch.float32, name)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs these block sizes in every test")
@@ -803,8 +803,8 @@ def test_bad_input_names_the_problem():
             functional.bn_relu_conv2d(x, w, None, None, None, None, training=False, backend="triton")
         with pytest.raises(ValueError, match="at least one input and one output channel"):
             triton_launch.conv_forward(x, w, torch.zeros(4, c, device=DEVICE), 1, 0, None, False)
-    # More channels than the flat loops count exactly (triton_kernels._small_div): refused by the check that
-    # both launchers make first.
+    # More channels than the stride-2 dgrad's step counter counts exactly (triton_kernels._small_div):
+    # refused by the check that both launchers make first.
     c = triton_launch.MAX_CHANNELS + 1
     with pytest.raises(ValueError, match=f"at most {triton_launch.MAX_CHANNELS} channels"):
         triton_launch._check_channels(c, 1)
