@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 4's measurement in one short GPU call (about 4-5 minutes on an H200; the steps'
-# limits add up to 530 s, 580 s with GRAPHS=1):
+# Issue 4's measurement in one short GPU call (about 5 minutes on an H200; the steps'
+# limits add up to 590 s, 640 s with GRAPHS=1; TAILS_SIDE_BY_SIDE=0: 530 s):
 # GPU tests of the recently changed Triton code (TESTS, a pytest -k
 # expression; first configs only, FUSED_PREACT_TRITON_AUTOTUNE=0: each form
 # is forced by its flag, and with autotuning every test shape compiled every
@@ -25,7 +25,7 @@ LOG=$OUT/gpu_units.log
 # TRIAL_SIDE_BY_SIDE=1 adds ResNet-164's table with the autotuner's trials timed
 # one launch at a time (FUSED_PREACT_GRAPH_TRIALS=0, the form before session 8).
 MODELS=${MODELS:-"resnet164 resnetv2_50"}
-TESTS=${TESTS:-"weight_pack or split_sum or graph_trial or small_division or epilogue_heavy or channels_last_weight_only or 3x3_weight_packed or parity_classes or both_reduction_loops"}
+TESTS=${TESTS:-"last_programs or tails or batch_counted or weight_pack or split_sum or graph_trial or small_division or epilogue_heavy or channels_last_weight_only or parity_classes"}
 
 step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
   $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'; nproc"
@@ -47,6 +47,11 @@ for model in $MODELS; do  # one process each: a killed one loses only its own ta
   step "kernel_times_$model" "$([ "$model" = resnetv2_50 ] && echo 150 || echo 60)" $PY benchmarks/kernel_times.py \
     --providers eager_cl,triton --units "$model" --steps 10 --out "$OUT/kernel_times_$model"
 done
+# Side by side: ResNet-164 with the finalize kernels instead of the
+# last-program tails (session 9; the separate BN finalizes and the count).
+[ "${TAILS_SIDE_BY_SIDE:-1}" = 1 ] && step kernel_times_no_tails 60 env FUSED_PREACT_FINALIZE_TAIL=0 \
+  $PY benchmarks/kernel_times.py --providers eager_cl,triton --units resnet164 --steps 10 \
+  --out "$OUT/kernel_times_no_tails"
 [ "${TRIAL_SIDE_BY_SIDE:-0}" = 1 ] && step kernel_times_single_launch_trials 60 env FUSED_PREACT_GRAPH_TRIALS=0 \
   $PY benchmarks/kernel_times.py --providers eager_cl,triton --units resnet164 --steps 10 \
   --out "$OUT/kernel_times_single_launch_trials"

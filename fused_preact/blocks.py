@@ -177,10 +177,12 @@ def fused_block_forward(block: nn.Module, spec: BlockSpec, backend: str, x: Tens
             functional.check_unit_inputs(name, x, conv.weight, norm1.weight, norm1.bias, running_mean, running_var,
                                          None, batch_stats)
         (x,) = functional.autocast_inputs(x)
+        momentum, batches_tracked = _bn_momentum(norm1, defer_count=True)
         with functional.autocast_off(x.device.type):
             state, batch_stats = functional.prepare_bn(x, norm1.weight, norm1.bias, running_mean, running_var,
-                                                       training=norm1.training, momentum=_bn_momentum(norm1),
-                                                       eps=norm1.eps, backend=backend, batch=incoming, sync=sync)
+                                                       training=norm1.training, momentum=momentum, eps=norm1.eps,
+                                                       backend=backend, batch=incoming, sync=sync,
+                                                       batches_tracked=batches_tracked)
             out, stats = functional.fused_unit(x, functional.unit_weight(conv1.weight, x, backend), state,
                                                norm1.weight, norm1.bias, batch_stats, conv1.stride[0],
                                                conv1.padding[0], None, backend, emit and len(units) > 1)

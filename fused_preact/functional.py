@@ -141,15 +141,21 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
 
 def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
                running_var: Optional[Tensor], *, training: bool, momentum: float, eps: float, backend: str,
-               batch: Optional[Tensor] = None, sync: bool = False) -> tuple[object, bool]:
+               batch: Optional[Tensor] = None, sync: bool = False,
+               batches_tracked: Optional[Tensor] = None) -> tuple[object, bool]:
     """The BatchNorm in front of a unit on a fused backend: (state for
     ``fused_unit``, uses batch statistics). Running statistics are updated
     here, once, even when the state feeds two convs (unit 1 and a projection
     shortcut share the pre-activation). ``batch``: x's per-tile moments from
     the producer's epilogue (Triton, ``fused_unit``), so x is not read again.
     ``sync``: synchronized BatchNorm over the default process group (see
-    fused_preact.distributed)."""
+    fused_preact.distributed). ``batches_tracked``: the BatchNorm's
+    num_batches_tracked, counted here (on Triton by the finalize launch,
+    which saves a launch of its own per unit)."""
     batch_stats = training or running_mean is None
+    if batches_tracked is not None and backend != "triton":
+        batches_tracked.add_(1)
+        batches_tracked = None
     from . import distributed
 
     if sync and batch_stats and distributed.active():
@@ -162,7 +168,7 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
             bn = triton_ops.prepare(x.detach(), torch.stack((mean, var)),
                                     None if bn_weight is None else bn_weight.detach(),
                                     None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
-                                    training, momentum, eps, count)
+                                    training, momentum, eps, count, batches_tracked)
             return (bn, count), batch_stats
         ops = torch.ops.fused_preact
         mean, var = ops.bn_stats(x.detach())
@@ -175,7 +181,7 @@ def prepare_bn(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]
 
         bn = triton_ops.prepare(x.detach(), batch, None if bn_weight is None else bn_weight.detach(),
                                 None if bn_bias is None else bn_bias.detach(), running_mean, running_var,
-                                training, momentum, eps)
+                                training, momentum, eps, 0, batches_tracked)
         return (bn, 0), batch_stats
     mean, invstd, batch_stats = batch_norm_stats(x, running_mean, running_var, training=training,
                                                  momentum=momentum, eps=eps)

@@ -26,13 +26,19 @@ from .blocks import unit_decline_reason
 from .functional import bn_relu_conv2d, resolve_backend
 
 
-def _bn_momentum(bn: nn.BatchNorm2d) -> float:
-    """nn.BatchNorm2d's momentum rule; counts the batch (call after validation)."""
+def _bn_momentum(bn: nn.BatchNorm2d, defer_count: bool = False) -> tuple[float, Optional[Tensor]]:
+    """nn.BatchNorm2d's momentum rule, and the batch counted (call after
+    validation): (momentum, None). With ``defer_count`` and a fixed momentum:
+    (momentum, bn.num_batches_tracked), for ``functional.prepare_bn`` to
+    count (on Triton the finalize launch adds the 1: no launch of its own);
+    momentum=None (a cumulative average) needs the count here, on the host."""
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        if defer_count and bn.momentum is not None:
+            return bn.momentum, bn.num_batches_tracked
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
-            return 1.0 / float(bn.num_batches_tracked)
-    return 0.0 if bn.momentum is None else bn.momentum
+            return 1.0 / float(bn.num_batches_tracked), None
+    return (0.0 if bn.momentum is None else bn.momentum), None
 
 
 def _running(bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -58,13 +64,15 @@ def _unit(name: str, bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: st
                          f"{functional.conv_output_shape(x, conv.weight, conv.stride[0], conv.padding[0])}")
     if backend == "torch":
         return bn_relu_conv2d(x, conv.weight, bn.weight, bn.bias, running_mean, running_var,
-                              training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps, stride=conv.stride[0],
+                              training=bn.training, momentum=_bn_momentum(bn)[0], eps=bn.eps, stride=conv.stride[0],
                               padding=conv.padding[0], residual=residual, backend="torch", name=name), None
     x, residual = functional.autocast_inputs(x, residual)
+    momentum, batches_tracked = _bn_momentum(bn, defer_count=True)
     with functional.autocast_off(x.device.type):
         state, batch_stats = functional.prepare_bn(x, bn.weight, bn.bias, running_mean, running_var,
-                                                   training=bn.training, momentum=_bn_momentum(bn), eps=bn.eps,
-                                                   backend=backend, batch=batch, sync=sync)
+                                                   training=bn.training, momentum=momentum, eps=bn.eps,
+                                                   backend=backend, batch=batch, sync=sync,
+                                                   batches_tracked=batches_tracked)
         return functional.fused_unit(x, functional.unit_weight(conv.weight, x, backend), state, bn.weight, bn.bias,
                                      batch_stats, conv.stride[0], conv.padding[0], residual, backend, emit_stats)
 

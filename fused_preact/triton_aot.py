@@ -21,6 +21,7 @@ Must run with TRITON_INTERPRET unset (the kernels must be JIT functions).
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -68,6 +69,10 @@ class Compiled:
     error: str = ""
 
 
+# The arrival counters of the FINALIZE tails, and num_batches_tracked.
+_INT_POINTERS = {"counter_ptr": "i32", "count_ptr": "i64"}
+
+
 def _specialize(fn, dtype: str, constexprs: dict, pointer_dtypes: Optional[dict] = None) -> tuple[dict, dict, dict]:
     """(signature, attrs, constexprs) as the JIT would specialize a launch on
     channels_last tensors whose channel counts are multiples of 16: channel
@@ -83,13 +88,16 @@ def _specialize(fn, dtype: str, constexprs: dict, pointer_dtypes: Optional[dict]
     divisible = {"C", "K", "sxn", "sxh", "sxw", "syn", "syh", "syw", "srn", "srh", "srw", "sgn", "sgh", "sgw",
                  "swk", "swc", "swh", "sww", "sps", "spk", "spc", "sph", "A", "B", "ssb", "ssh", "ssw", "N"}
     sig, attrs, consts = {}, {}, dict(constexprs)
+    for param in getattr(fn, "params", ()):  # constexprs left at their defaults (FINALIZE off)
+        if param.is_constexpr and param.name not in consts and param.default is not inspect.Parameter.empty:
+            consts[param.name] = param.default
     for i, name in enumerate(fn.arg_names):
         if name in channel_strides:
             consts[name] = 1
         if name in consts:
             sig[name] = "constexpr"
-        elif name in (pointer_dtypes or {}):
-            sig[name] = "*" + pointer_dtypes[name]
+        elif name in (pointer_dtypes or {}) or name in _INT_POINTERS:
+            sig[name] = "*" + {**_INT_POINTERS, **(pointer_dtypes or {})}[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             sig[name] = "*" + (dtype if name in data_ptrs else stats)
@@ -199,6 +207,9 @@ def _variants(kernel: str, dtype: str):
                            {**geometry, **common, **weight, "HAS_RESIDUAL": res, "EMIT_STATS": emit}, pointers)
             elif kernel == "conv_dgrad_kernel":  # stride 2 in parity classes (triton_launch.DGRAD_PARITY)
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight, "PARITY": s == 2}, pointers
+                if suffix == "" and (k, s) != (1, 2):  # with the BN-backward finalize in its last programs
+                    yield (f"{k}x{k}/s{s}+fin", {**geometry, **common, **weight, "PARITY": s == 2, "FINALIZE": True,
+                                                 "TRAINING": True, "BLOCK_T": 32}, pointers)
             else:
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight}, pointers
             if k == 3 and s == 1 and suffix == "":
@@ -245,6 +256,10 @@ def _small_kernels(dtype: str):
     merge = {"BLOCK_T": L.MERGE_T, "BLOCK_C": L.MERGE_C}
     for bc in (16, 32, 64):
         yield "channel_stats_partial_kernel", "", {"BLOCK_M": 256, "BLOCK_C": bc, "IS_FP64": fp64}, 4
+        if bc <= 32:  # with bn_finalize's work in its last programs (batch statistics, running update, count)
+            yield ("channel_stats_partial_kernel", "+fin",
+                   {"BLOCK_M": 256, "BLOCK_C": bc, "IS_FP64": fp64, "FINALIZE": True, "UPDATE_RUNNING": True,
+                    "HAS_GAMMA": True, "HAS_BETA": True, "COUNT_BATCH": True, "BLOCK_T": 32}, 4)
         for training in (False, True):
             yield ("bn_grad_input_kernel", "train" if training else "eval",
                    {"TRAINING": training, "IS_FP64": fp64, "BLOCK_M": 128, "BLOCK_C": bc}, 4)
@@ -253,9 +268,9 @@ def _small_kernels(dtype: str):
         yield "bn_backward_finalize_kernel", "train" if training else "eval", {"TRAINING": training, **merge}, 4
     for partials, batch, update in ((True, True, True), (False, True, True), (False, False, False)):
         yield ("bn_finalize_kernel", f"{'partials' if partials else 'moments'}"
-               f"{'' if batch else ',eval'}{',update' if update else ''}",
+               f"{'' if batch else ',eval'}{',update,count' if update else ''}",
                {"FROM_PARTIALS": partials, "BATCH_STATS": batch, "UPDATE_RUNNING": update, "HAS_GAMMA": True,
-                "HAS_BETA": True, **merge, "IS_FP64": fp64}, 4)
+                "HAS_BETA": True, "COUNT_BATCH": update, **merge, "IS_FP64": fp64}, 4)
     for block_s in (2, 16, 64):  # the weight gradient's split sum: fp32 (fp64) partials into the fp32 weight
         yield "split_sum_kernel", f"splits<={block_s}", {"BLOCK_S": block_s, "BLOCK_N": 128}, 4
     # The forward's packed 3x3 weight from an fp32 (fp64) channels_last one (C, its rows here, innermost).
@@ -283,10 +298,12 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
                 # _variants yields the 3x3/s1 variants first; the last of
                 # those for conv_fwd is the one with residual and statistics.
                 # The stride-2 dgrad is another loop (parity classes): every config too.
+                # The dgrads with the finalize tail: every config too (the tail
+                # comes after the GEMM; its registers must not spill the loop's).
                 heaviest = (variant in ("3x3/s1", "3x3/s1+res+stats", "1x1/s1,w-cast", "1x1/s1+res+stats,w-cast")
-                            or (kernel == "conv_dgrad_kernel" and variant == "3x3/s2"))
+                            or (kernel == "conv_dgrad_kernel" and (variant == "3x3/s2" or variant.endswith("+fin"))))
                 # (short reductions: never the cast weight, which is for long ones)
-                short = variant in ("1x1/s1", "1x1/s1+res+stats")
+                short = variant in ("1x1/s1", "1x1/s1+res+stats", "1x1/s1+fin")
                 for j, (cfg, default) in enumerate(configs):
                     first = cfg.kwargs.get("EPILOGUE_FIRST", False)
                     if cfg.kwargs["BLOCK_N"] == 256:  # forward only: flat 3x3, 1x1, with launchable variants

@@ -11,21 +11,32 @@ GEMM are pixels m = (n, h, w) of the output (forward, wgrad) or of the input
 (WIDE_INDEX, decided per launch).
 
 Kernels:
-  channel_stats_partial   per (row tile, channel): mean and M2 of x
+  channel_stats_partial   per (row tile, channel): mean and M2 of x; with
+                          FINALIZE its last program per channel block also
+                          does bn_finalize's work for those channels
   merge_stats             Chan's merge of those partials -> mean, biased var
   bn_finalize             merge (or read) the statistics, update the running
-                          statistics, emit mean/invstd/scale/shift: one launch
+                          statistics (and num_batches_tracked), emit
+                          mean/invstd/scale/shift: one launch
   bn_backward_finalize    gamma/beta gradients and the folded BN-backward
                           constants k1, k0 from the dgrad partials
   conv_fwd                y = conv(relu(x*scale + shift)) [+ residual],
                           optional per-tile mean/M2 partials of the written y
   conv_dgrad              ga = conv_transpose(gy, W); epilogue recomputes the
                           ReLU mask from x, writes gz, and per-tile partial
-                          sums of gz and gz*xhat
+                          sums of gz and gz*xhat; with FINALIZE its last
+                          program per column block also does
+                          bn_backward_finalize's work for those channels
   bn_grad_input           gx = gz*scale + x*k1 + k0   (BN backward, one pass)
   conv_wgrad              split-K partials of gW = a^T gy, a recomputed from x
   split_sum               the sum of those partials, in the weight's dtype
   pack_weight             a 3x3 weight's taps as dense [C, K] (or [K, C]) blocks, cast
+
+"Last program" tails (FINALIZE): each program stores its partials, then
+bumps an arrival counter per column block (``_arrived_last``); the one that
+arrives last reads every program's partials and finishes the reduction, so
+the small finalize kernel is not launched. The summation order is the
+finalize kernel's, so the results are bit for bit the same.
 
 Padding taps read zero from the *activated* tensor: the prologue masks the
 activated tile, so relu(shift) never leaks into the border (DESIGN.md §2).
@@ -81,10 +92,19 @@ def _grouped_pid(rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
-def channel_stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, M, C, HW, W, sxn, sxc, sxh, sxw,
-                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
+def channel_stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, counter_ptr, gamma_ptr, beta_ptr, running_mean_ptr,
+                                 running_var_ptr, out_ptr, count_ptr, M, C, HW, W, sxn, sxc, sxh, sxw, momentum,
+                                 eps, unbias, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr,
+                                 FINALIZE: tl.constexpr = False, UPDATE_RUNNING: tl.constexpr = False,
+                                 HAS_GAMMA: tl.constexpr = False, HAS_BETA: tl.constexpr = False,
+                                 COUNT_BATCH: tl.constexpr = False, BLOCK_T: tl.constexpr = 16):
     """Tile (BLOCK_M pixels x BLOCK_C channels): its per-channel mean and sum of
-    squared deviations, written at row pid_m of the [tiles, C] partials."""
+    squared deviations, written at row pid_m of the [tiles, C] partials.
+    FINALIZE: the last program of each channel block to finish merges the
+    partials of its channels and does bn_finalize_kernel's work for them
+    with batch statistics (gamma_ptr .. count_ptr, momentum, eps, unbias and
+    the flags after FINALIZE: bn_finalize_kernel's); without it those
+    arguments are not read."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,6 +124,30 @@ def channel_stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, M, C, HW, W, sxn, sxc,
     m2 = tl.sum(d * d, axis=0)
     tl.store(mean_ptr + pid_m * C + offs_c, mean, mask=mask_c)
     tl.store(m2_ptr + pid_m * C + offs_c, m2, mask=mask_c)
+    if FINALIZE:
+        tiles = tl.num_programs(0)
+        if _arrived_last(counter_ptr + pid_c, tiles):
+            _bn_finalize_channels(mean_ptr, m2_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, out_ptr,
+                                  count_ptr, pid_c == 0, offs_c, mask_c, M, C, tiles, BLOCK_M, momentum, eps,
+                                  unbias, True, True, UPDATE_RUNNING, HAS_GAMMA, HAS_BETA, COUNT_BATCH, BLOCK_T,
+                                  BLOCK_C, IS_FP64, ".cg")
+            tl.store(counter_ptr + pid_c, 0)  # ready for the next launch
+
+
+@triton.jit
+def _arrived_last(counter_ptr, programs):
+    """Whether this program is the last of ``programs`` to reach this
+    point, counted at ``counter_ptr`` (zero before the launch; the last
+    program stores zero again when done). The pattern of CUDA's
+    threadFenceReduction sample and CUTLASS's split-K semaphore: the
+    barrier orders every thread's stores of this program before the
+    counter's release (Triton lowers the scalar atomic to one thread's
+    ``atom.acq_rel.gpu``, its result broadcast through shared memory), and
+    the acquire orders the last program's loads after everyone's stores;
+    those loads go to L2 (``.cg``), where the other SMs' stores are."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return arrived == programs - 1
 
 
 @triton.jit
@@ -121,7 +165,7 @@ def merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, TILE
 
 @triton.jit
 def _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE,
-                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr, CACHE: tl.constexpr = ""):
     """Chan et al.'s parallel merge of per-tile (count, mean, M2) [TILES, C]
     partials (a tile holds ROWS_PER_TILE rows, the last one the rest of M):
     a chunk of BLOCK_T tiles is merged around its own mean, then into the
@@ -142,8 +186,8 @@ def _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PE
         cnt = tl.where(mask_t, tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(acc_dtype), 0.0)
         mask = mask_t[:, None] & mask_c[None, :]
         idx = offs_t[:, None] * C + offs_c[None, :]
-        mu = tl.load(mean_part_ptr + idx, mask=mask, other=0.0)
-        q = tl.load(m2_part_ptr + idx, mask=mask, other=0.0)
+        mu = tl.load(mean_part_ptr + idx, mask=mask, other=0.0, cache_modifier=CACHE)
+        q = tl.load(m2_part_ptr + idx, mask=mask, other=0.0, cache_modifier=CACHE)
         chunk_n = tl.sum(cnt, axis=0)
         chunk_mean = tl.sum(mu * cnt[:, None], axis=0) / chunk_n
         dev = tl.where(mask, mu - chunk_mean[None, :], 0.0)
@@ -158,18 +202,37 @@ def _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PE
 
 @triton.jit
 def bn_finalize_kernel(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
-                       out_ptr, M, C, TILES, ROWS_PER_TILE, momentum, eps, unbias,
+                       out_ptr, count_ptr, M, C, TILES, ROWS_PER_TILE, momentum, eps, unbias,
                        FROM_PARTIALS: tl.constexpr, BATCH_STATS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                        HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
+                       BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr, COUNT_BATCH: tl.constexpr = False):
     """Everything a BatchNorm needs before its unit runs, in one launch:
     batch statistics (merged from per-tile partials, or read as mean/var
     when FROM_PARTIALS is off), or the running statistics in eval; the
-    running-statistics update (momentum, unbiased variance); and the rows
-    out[0..3] = mean, invstd, scale = gamma*invstd, shift = beta - mean*scale."""
+    running-statistics update (momentum, unbiased variance), and with
+    COUNT_BATCH num_batches_tracked + 1 (at count_ptr, int64: no launch of
+    its own); and the rows out[0..3] = mean, invstd, scale = gamma*invstd,
+    shift = beta - mean*scale."""
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    _bn_finalize_channels(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, out_ptr,
+                          count_ptr, pid_c == 0, offs_c, offs_c < C, M, C, TILES, ROWS_PER_TILE, momentum, eps, unbias,
+                          FROM_PARTIALS, BATCH_STATS, UPDATE_RUNNING, HAS_GAMMA, HAS_BETA, COUNT_BATCH, BLOCK_T,
+                          BLOCK_C, IS_FP64, "")
+
+
+@triton.jit
+def _bn_finalize_channels(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
+                          out_ptr, count_ptr, counts_batch, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE, momentum,
+                          eps, unbias, FROM_PARTIALS: tl.constexpr, BATCH_STATS: tl.constexpr,
+                          UPDATE_RUNNING: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                          COUNT_BATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                          IS_FP64: tl.constexpr, CACHE: tl.constexpr):
+    """bn_finalize_kernel's work for the channels offs_c; the program with
+    ``counts_batch`` also adds the batch to num_batches_tracked (COUNT_BATCH)."""
+    if COUNT_BATCH:
+        if counts_batch:
+            tl.store(count_ptr, tl.load(count_ptr) + 1)
     if IS_FP64:
         acc_dtype = tl.float64
     else:
@@ -177,7 +240,7 @@ def bn_finalize_kernel(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, running_
     if BATCH_STATS:
         if FROM_PARTIALS:
             mean, var = _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE,
-                                    BLOCK_T, BLOCK_C, IS_FP64)
+                                    BLOCK_T, BLOCK_C, IS_FP64, CACHE)
         else:  # mean/var given (rows 0 and 1 of the parts buffer)
             mean = tl.load(mean_part_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
             var = tl.load(m2_part_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
@@ -216,22 +279,30 @@ def bn_backward_finalize_kernel(sum_gz_ptr, sum_gz_xhat_ptr, bn_ptr, out_ptr, M,
     in eval). bn rows: mean, invstd, scale, shift."""
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    _bn_backward_channels(sum_gz_ptr, sum_gz_xhat_ptr, bn_ptr, bn_ptr + C, bn_ptr + 2 * C, out_ptr, offs_c,
+                          offs_c < C, M, C, TILES, TRAINING, BLOCK_T, BLOCK_C, "")
+
+
+@triton.jit
+def _bn_backward_channels(sum_gz_ptr, sum_gz_xhat_ptr, mean_ptr, invstd_ptr, scale_ptr, out_ptr, offs_c, mask_c, M,
+                          C, TILES, TRAINING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                          CACHE: tl.constexpr):
+    """bn_backward_finalize_kernel's work for the channels offs_c."""
     g_beta = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
     g_gamma = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
     for t0 in tl.range(0, TILES, BLOCK_T, num_stages=3):  # loads pipelined, as in _chan_merge
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask = (offs_t < TILES)[:, None] & mask_c[None, :]
         idx = offs_t[:, None] * C + offs_c[None, :]
-        g_beta += tl.sum(tl.load(sum_gz_ptr + idx, mask=mask, other=0.0), axis=0)
-        g_gamma += tl.sum(tl.load(sum_gz_xhat_ptr + idx, mask=mask, other=0.0), axis=0)
+        g_beta += tl.sum(tl.load(sum_gz_ptr + idx, mask=mask, other=0.0, cache_modifier=CACHE), axis=0)
+        g_gamma += tl.sum(tl.load(sum_gz_xhat_ptr + idx, mask=mask, other=0.0, cache_modifier=CACHE), axis=0)
     tl.store(out_ptr + offs_c, g_gamma, mask=mask_c)
     tl.store(out_ptr + C + offs_c, g_beta, mask=mask_c)
     if TRAINING:
         # gx = scale*(gz - g_beta/M - xhat*g_gamma/M), xhat = (x - mean)*invstd
-        mean = tl.load(bn_ptr + offs_c, mask=mask_c, other=0.0)
-        invstd = tl.load(bn_ptr + C + offs_c, mask=mask_c, other=0.0)
-        scale = tl.load(bn_ptr + 2 * C + offs_c, mask=mask_c, other=0.0)
+        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
         k1 = -scale * g_gamma * invstd / M
         k0 = -scale * g_beta / M - k1 * mean
     else:
@@ -423,14 +494,15 @@ def _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_tap, offs_k, offs_n, mask_n, K, 
 
 @triton.jit
 def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, gz_ptr,
-                      sum_gz_ptr, sum_gz_xhat_ptr,
-                      M, C, K, H, W, OH, OW,
+                      sum_gz_ptr, sum_gz_xhat_ptr, counter_ptr, out_ptr,
+                      M, C, K, H, W, OH, OW, TILES,
                       sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swk, swc, swh, sww,
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       FLAT: tl.constexpr, PARITY: tl.constexpr = False, EPILOGUE_FIRST: tl.constexpr = False,
-                      WIDE_INDEX: tl.constexpr = False, EVEN_K: tl.constexpr = False):
+                      WIDE_INDEX: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+                      FINALIZE: tl.constexpr = False, TRAINING: tl.constexpr = True, BLOCK_T: tl.constexpr = 16):
     """ga[n, h, w, c] = sum over taps and output channels of gy * W: rows =
     input pixels (M = N*H*W), columns = input channels C, reduction = taps x
     K. A tap reaches output pixel ((h + PAD - kh)/STRIDE, ...) when that is an
@@ -450,7 +522,11 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     loaded before the reduction loop (as in conv_fwd_kernel): the 1x1a
     units' dgrads reduce over 16-64 channels in one or two steps, then read
     and write tiles of 64-256 channels. EVEN_K: K is a multiple of BLOCK_K
-    (no K masks on the loads, as conv_fwd_kernel's EVEN_C)."""
+    (no K masks on the loads, as conv_fwd_kernel's EVEN_C).
+    FINALIZE: the last of the TILES programs of each column block (TILES:
+    rows of the partial sums) to finish sums their partials and does
+    bn_backward_finalize_kernel's work for its channels (into out, [4, C]);
+    without it counter_ptr and out_ptr are not read."""
     tl.assume(K > 0)  # the reduction runs (see conv_fwd_kernel)
     if PARITY:
         cls = tl.program_id(1)
@@ -555,6 +631,11 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     xhat = (x - mean[None, :]) * invstd[None, :]
     tl.store(sum_gz_ptr + tile * C + offs_n, tl.sum(gz, axis=0), mask=mask_n)
     tl.store(sum_gz_xhat_ptr + tile * C + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
+    if FINALIZE:
+        if _arrived_last(counter_ptr + pid_n, TILES):
+            _bn_backward_channels(sum_gz_ptr, sum_gz_xhat_ptr, mean_ptr, invstd_ptr, scale_ptr, out_ptr, offs_n,
+                                  mask_n, M, C, TILES, TRAINING, BLOCK_T, BLOCK_N, ".cg")
+            tl.store(counter_ptr + pid_n, 0)  # ready for the next launch
 
 
 @triton.jit

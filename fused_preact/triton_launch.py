@@ -524,20 +524,63 @@ def _launch_gemm(kernel_name: str, grid, config_key: tuple, interpret_meta: dict
 # ------------------------------------------------------------- statistics
 
 
+def _stats_blocks(x: Tensor) -> tuple[int, int]:
+    """(rows, channels) of channel_stats_partial_kernel's tiles."""
+    return (64 if INTERPRET else 256), _pow2(x.shape[1], 16, 64 if INTERPRET else 32)
+
+
 def _channel_partials(x: Tensor) -> tuple[Tensor, Tensor, int]:
     """Per-tile (mean, M2) partials of x per channel, and the rows per tile."""
     n, c, h, w = x.shape
     m = n * h * w
     sdt = stats_dtype(x)
-    block_m = 64 if INTERPRET else 256
-    block_c = _pow2(c, 16, 64 if INTERPRET else 32)
+    block_m, block_c = _stats_blocks(x)
     tiles = _cdiv(m, block_m)
     mean_part = torch.empty((tiles, c), device=x.device, dtype=sdt)
     m2_part = torch.empty_like(mean_part)
     _run("channel_stats_partial_kernel", (tiles, _cdiv(c, block_c)),
-         x, mean_part, m2_part, m, c, h * w, w, *_strides(x), BLOCK_M=block_m, BLOCK_C=block_c,
-         IS_FP64=sdt == torch.float64)
+         x, mean_part, m2_part, *(mean_part,) * 7, m, c, h * w, w, *_strides(x), 0.0, 0.0, 1.0,
+         BLOCK_M=block_m, BLOCK_C=block_c, IS_FP64=sdt == torch.float64)
     return mean_part, m2_part, block_m
+
+
+# ------------------------------------------------------- last-program tails
+# A kernel with a FINALIZE tail (the dgrad, the channel statistics) counts
+# its finished programs per column block in int32 arrival counters, zero
+# between launches: its last program stores zero back (triton_kernels.
+# _arrived_last). One buffer per device, allocated once, handed out in
+# TAIL_SLOTS rotating slots: launches on one stream run one after another,
+# and launches on several streams at once would have to be TAIL_SLOTS
+# launches apart to share a slot (a CUDA graph keeps the slot it captured).
+# The tail is taken where it reads few partials (at most TAIL_ELEMENTS of
+# each kind: one program does what the finalize kernel spreads over one
+# program per 16 channels); elsewhere the finalize kernel runs.
+# FUSED_PREACT_FINALIZE_TAIL=0 turns the tails off (side-by-side runs).
+FINALIZE_TAIL = os.environ.get("FUSED_PREACT_FINALIZE_TAIL", "1") != "0"
+TAIL_ELEMENTS = 16384
+TAIL_SLOTS, TAIL_SLOT_COUNTERS = 64, 1024
+TAIL_T = 16 if INTERPRET else 32  # partial rows per step of a tail's loop
+_TAIL_COUNTERS: dict = {}
+_TAIL_NEXT = [0]
+
+
+def _tail_counters(device: torch.device, partial_rows: int, columns: int, blocks: int) -> Optional[Tensor]:
+    """``blocks`` arrival counters (zero) for a kernel whose last program per
+    block of ``columns`` channels sums ``partial_rows`` rows of partials, or
+    None where the separate finalize kernel should run: tails off, a tail
+    that would read more than TAIL_ELEMENTS, more blocks than a slot holds,
+    or no buffer yet on a device that is capturing a CUDA graph (its zeros
+    would be written only when the graph replays)."""
+    if not FINALIZE_TAIL or partial_rows * columns > TAIL_ELEMENTS or blocks > TAIL_SLOT_COUNTERS:
+        return None
+    key = (device.type, device.index)
+    buf = _TAIL_COUNTERS.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _TAIL_COUNTERS[key] = torch.zeros((TAIL_SLOTS, TAIL_SLOT_COUNTERS), device=device, dtype=torch.int32)
+    slot = _TAIL_NEXT[0] = (_TAIL_NEXT[0] + 1) % TAIL_SLOTS
+    return buf[slot, :blocks]
 
 
 def channel_stats(x: Tensor) -> Tensor:
@@ -579,7 +622,7 @@ def merge_moments(parts: Tensor, count: int) -> Tensor:
 
 def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
                running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
-               eps: float, global_count: int = 0) -> Tensor:
+               eps: float, global_count: int = 0, batches_tracked: Optional[Tensor] = None) -> Tensor:
     """[4, C] rows mean, invstd, scale, shift for the BatchNorm in front of a
     unit (nn.BatchNorm2d's rules: batch statistics when training or without
     running statistics, which are then updated in place). ``batch_moments``,
@@ -587,9 +630,16 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
     [2, T, C] its producer's conv epilogue emitted (``conv_forward``), merged
     here, or x's [2, C] mean and biased variance (the global batch's under
     sync_bn, whose ``global_count`` then gives the unbiased running
-    variance); otherwise they are computed from x. Two launches at most: the
-    partial statistics of x and one finalize."""
+    variance); otherwise they are computed from x. ``batches_tracked``: the
+    BatchNorm's num_batches_tracked (int64, one element), to which the
+    finalize adds this batch. Two launches at most: the partial statistics
+    of x and one finalize; one where the statistics kernel's last programs
+    finalize (``_tail_counters``)."""
     check_device(x)
+    if batches_tracked is not None and (batches_tracked.dtype != torch.int64 or batches_tracked.numel() != 1
+                                        or batches_tracked.device != x.device):
+        raise ValueError("bn_prepare: batches_tracked must be a one-element int64 tensor on x's device, got "
+                         f"{batches_tracked.dtype} of {batches_tracked.numel()} elements on {batches_tracked.device}")
     n, c, h, w = x.shape
     m = n * h * w
     sdt = stats_dtype(x)
@@ -603,7 +653,26 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
     from_partials = batch_stats and (batch_moments is None or emitted)
     count = global_count or m
     if batch_stats and count == 0:
+        if batches_tracked is not None:
+            batches_tracked.add_(1)
         return out.fill_(float("nan"))
+    finalize_args = (gamma if gamma is not None else out, beta if beta is not None else out,
+                     running_mean if running_mean is not None else out,
+                     running_var if running_var is not None else out, out,
+                     batches_tracked if batches_tracked is not None else out)
+    flags = dict(UPDATE_RUNNING=update, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+                 COUNT_BATCH=batches_tracked is not None)
+    unbias = count / (count - 1) if count > 1 else 1.0
+    if from_partials and not emitted and not global_count:
+        block_m, block_c = _stats_blocks(x)
+        tiles, blocks = _cdiv(m, block_m), _cdiv(c, block_c)
+        counters = _tail_counters(x.device, tiles, block_c, blocks)
+        if counters is not None:  # one launch: the statistics' last programs finalize
+            part = torch.empty((2, tiles, c), device=x.device, dtype=sdt)
+            _run("channel_stats_partial_kernel", (tiles, blocks), x, part[0], part[1], counters, *finalize_args,
+                 m, c, h * w, w, *_strides(x), float(momentum), float(eps), unbias, BLOCK_M=block_m,
+                 BLOCK_C=block_c, IS_FP64=sdt == torch.float64, FINALIZE=True, BLOCK_T=TAIL_T, **flags)
+            return out
     if emitted:
         mean_part, m2_part, rows = batch_moments[0], batch_moments[1], STATS_ROWS
     elif from_partials:
@@ -615,12 +684,9 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
         rows = 1
     block_c = _pow2(c, 16, MERGE_C)
     _run("bn_finalize_kernel", (_cdiv(c, block_c),),
-         mean_part, m2_part, gamma if gamma is not None else out, beta if beta is not None else out,
-         running_mean if running_mean is not None else out, running_var if running_var is not None else out,
-         out, m, c, mean_part.shape[0] if from_partials else 1, rows, float(momentum), float(eps),
-         count / (count - 1) if count > 1 else 1.0, FROM_PARTIALS=from_partials, BATCH_STATS=batch_stats,
-         UPDATE_RUNNING=update, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-         BLOCK_T=MERGE_T, BLOCK_C=block_c, IS_FP64=sdt == torch.float64)
+         mean_part, m2_part, *finalize_args, m, c, mean_part.shape[0] if from_partials else 1, rows,
+         float(momentum), float(eps), unbias, FROM_PARTIALS=from_partials, BATCH_STATS=batch_stats,
+         BLOCK_T=MERGE_T, BLOCK_C=block_c, IS_FP64=sdt == torch.float64, **flags)
     return out
 
 
@@ -769,7 +835,8 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
     """(grad_x, grad_weight, [2, C] grad_gamma and grad_beta) of
     y = conv(relu(x*scale + shift)) with ``bn`` = [4, C] mean, invstd, scale,
     shift; the activation is recomputed from x. Launches: weight pack, dgrad
-    (epilogue: ReLU mask, gz, partial sums), finalize, gx; wgrad, split sum."""
+    (epilogue: ReLU mask, gz, partial sums; its last programs finalize where
+    the partials are few), finalize (elsewhere), gx; wgrad, split sum."""
     check_device(x)
     n, c, h, w = x.shape
     k_out, _, kh, kw = weight.shape
@@ -799,6 +866,10 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
             grid = lambda meta: (row_tiles * _cdiv(c, meta["BLOCK_N"]), 4 if parity else 1)  # noqa: E731
             # (The parity path has one loop form: no flat-loop candidates.)
             heavy = (kh * kw == 1 or parity) and k_out <= 512  # (see _gemm_configs)
+            sync = bool(global_count) and training
+            # The finalize in the dgrad's last programs, unless sync_bn
+            # all-reduces the sums first (the widest column tile counted).
+            counters = None if sync else _tail_counters(x.device, tiles, _pow2(c, 16, 128), _cdiv(c, 16))
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, 1 if parity else kh * kw,
                                                      FLAT_LOOP, _small_grid(tiles, c), kh * kw == 1,
                                                      EPILOGUE_FIRST_LOAD, False, False, heavy),
@@ -806,15 +877,16 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                           "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity,
                           "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD)},
                          grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
-                         m, c, k_out, h, w, oh, ow, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
+                         counters if counters is not None else out, out,
+                         m, c, k_out, h, w, oh, ow, tiles, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
                          INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=_wide_index(grad_y, w_gemm, x, gz),
-                         even=("EVEN_K", k_out))
-            merge_c = _pow2(c, 16, MERGE_C)
-            sync = bool(global_count) and training
-            _run("bn_backward_finalize_kernel", (_cdiv(c, merge_c),),
-                 part_gz, part_gz_xhat, bn, out, m, c, tiles, TRAINING=training and not sync,
-                 BLOCK_T=MERGE_T, BLOCK_C=merge_c)
+                         FINALIZE=counters is not None, TRAINING=training, BLOCK_T=TAIL_T, even=("EVEN_K", k_out))
+            if counters is None:
+                merge_c = _pow2(c, 16, MERGE_C)
+                _run("bn_backward_finalize_kernel", (_cdiv(c, merge_c),),
+                     part_gz, part_gz_xhat, bn, out, m, c, tiles, TRAINING=training and not sync,
+                     BLOCK_T=MERGE_T, BLOCK_C=merge_c)
             if sync:
                 # sync_bn: the two sums over every process, the global count
                 # (nn.SyncBatchNorm's backward); gamma/beta grads stay local.

@@ -3,8 +3,9 @@
 
   fused_preact::triton_bn_stats(x) -> [2, C] mean, biased variance
   fused_preact::triton_bn_prepare(x, batch_moments?, gamma?, beta?,
-      running_mean?, running_var?, training, momentum, eps) -> [4, C]
-      mean, invstd, scale, shift; updates the running statistics in place
+      running_mean?, running_var?, training, momentum, eps, global_count,
+      batches_tracked?) -> [4, C] mean, invstd, scale, shift; updates the
+      running statistics (and adds 1 to batches_tracked) in place
   fused_preact::triton_bn_relu_conv2d(x, weight, bn, gamma?, beta?, training,
       stride, padding, residual?, emit_stats) -> (y, [2, T, K] or empty):
       with emit_stats, y's per-tile moments (triton_launch.merge_moments),
@@ -54,17 +55,18 @@ def _bn_stats_fake(x):
     return x.new_empty((2, x.shape[1]), dtype=stats_dtype(x))
 
 
-@torch.library.custom_op("fused_preact::triton_bn_prepare", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("fused_preact::triton_bn_prepare",
+                         mutates_args=("running_mean", "running_var", "batches_tracked"))
 def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
                running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
-               eps: float, global_count: int = 0) -> Tensor:
+               eps: float, global_count: int = 0, batches_tracked: Optional[Tensor] = None) -> Tensor:
     return L.bn_prepare(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps,
-                        global_count)
+                        global_count, batches_tracked)
 
 
 @bn_prepare.register_fake
 def _bn_prepare_fake(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps,
-                     global_count=0):
+                     global_count=0, batches_tracked=None):
     return x.new_empty(_bn_shape(x), dtype=stats_dtype(x))
 
 
@@ -167,9 +169,10 @@ def unit(x: Tensor, weight: Tensor, bn: Tensor, bn_weight: Optional[Tensor], bn_
 
 def prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
             running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
-            eps: float, global_count: int = 0) -> Tensor:
+            eps: float, global_count: int = 0, batches_tracked: Optional[Tensor] = None) -> Tensor:
     """``fused_preact::triton_bn_prepare``."""
-    args = (x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps, global_count)
+    args = (x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps, global_count,
+            batches_tracked)
     if torch.compiler.is_compiling():
         return bn_prepare(*args)
     return L.bn_prepare(*args)

@@ -563,6 +563,148 @@ def test_gpu_merge_blocks_under_the_interpreter(monkeypatch):
     torch.testing.assert_close(var, y.var((0, 2, 3), unbiased=False), rtol=1e-10, atol=1e-10)
 
 
+def _counters_are_zero():
+    return all(int(buf.abs().sum()) == 0 for buf in triton_launch._TAIL_COUNTERS.values())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("ksize, stride, c", [(3, 1, 20), (3, 2, 48), (1, 1, 40)])
+def test_backward_finalize_in_the_dgrads_last_programs(monkeypatch, ksize, stride, c, training):
+    """The dgrad's FINALIZE tail (the last program of each column block sums
+    the partials and writes grad_gamma, grad_beta, k1, k0) against the
+    separate bn_backward_finalize_kernel: bit for bit the same gradients
+    (the same sums in the same order), with several column blocks (48 and
+    40 channels: 32-wide interpreter tiles, one with a tail) and the
+    parity classes; the launcher took the tail (no finalize launch) and the
+    arrival counters are zero again afterwards."""
+    inp, pad = _inputs(2, c, 9, 7, 24, ksize, stride, REF_DTYPE, "channels_last", False)
+    x, weight = inp["x"], inp["weight"]
+    bn = triton_launch.bn_prepare(x, None, inp["gamma"], inp["beta"], inp["running_mean"].clone(),
+                                  inp["running_var"].clone(), training, 0.1, 1e-5)
+    oh, ow = (9 + 2 * pad - ksize) // stride + 1, (7 + 2 * pad - ksize) // stride + 1
+    grad_y = torch.randn(2, 24, oh, ow, dtype=REF_DTYPE, device=DEVICE).to(memory_format=torch.channels_last)
+    results = {}
+    for tail in (True, False):
+        monkeypatch.setattr(triton_launch, "FINALIZE_TAIL", tail)
+        flags = _launch_flags(monkeypatch, "conv_dgrad_kernel", "FINALIZE")
+        before = triton_launch.LAUNCHES["bn_backward_finalize_kernel"]
+        results[tail] = triton_launch.conv_backward(grad_y, x, weight, bn, training, stride, pad, True, False)
+        assert flags == [tail]
+        assert triton_launch.LAUNCHES["bn_backward_finalize_kernel"] - before == (0 if tail else 1)
+        assert _counters_are_zero()
+    (gx, _, grads), (gx_ref, _, grads_ref) = results[True], results[False]
+    assert torch.equal(grads, grads_ref) and torch.equal(gx, gx_ref)
+    # and the gradients themselves against autograd through the reference BN
+    xr = x.detach().clone().requires_grad_()
+    gamma, beta = inp["gamma"].clone().requires_grad_(), inp["beta"].clone().requires_grad_()
+    rm, rv = inp["running_mean"].clone(), inp["running_var"].clone()
+    a = F.relu(F.batch_norm(xr, rm, rv, gamma, beta, training, 0.1, 1e-5))
+    F.conv2d(a, weight, None, stride, pad).backward(grad_y)
+    assert_close(gx, xr.grad, REF_DTYPE, "grad x")
+    assert_close(grads[0], gamma.grad, REF_DTYPE, "grad gamma")
+    assert_close(grads[1], beta.grad, REF_DTYPE, "grad beta")
+
+
+@pytest.mark.parametrize("dtype", [REF_DTYPE, torch.float32], ids=["ref", "fp32"])
+@pytest.mark.parametrize("c, running", [(20, True), (48, True), (48, False)])
+def test_statistics_finalized_in_their_last_programs(monkeypatch, c, running, dtype):
+    """bn_prepare from x alone in one launch (the statistics kernel's last
+    program per channel block merges and finalizes) against the two
+    launches: bit for bit the same [4, C] rows, running statistics and
+    num_batches_tracked (one batch added by either), and the mean and
+    variance of x; with several channel blocks and tiles (the
+    interpreter's 64-row, up to 64-channel tiles)."""
+    x = (torch.randn(3, c, 10, 9, dtype=dtype, device=DEVICE) * 2 + 5).to(memory_format=torch.channels_last)
+    gamma = torch.rand(c, dtype=dtype, device=DEVICE) + 0.5
+    beta = torch.randn(c, dtype=dtype, device=DEVICE)
+    running_stats = (torch.randn(c, dtype=dtype, device=DEVICE), torch.rand(c, dtype=dtype, device=DEVICE) + 0.5)
+    results = {}
+    for tail in (True, False):
+        monkeypatch.setattr(triton_launch, "FINALIZE_TAIL", tail)
+        counted = torch.tensor(7, device=DEVICE)
+        before = triton_launch.LAUNCHES["bn_finalize_kernel"]
+        rs = [t.clone() for t in running_stats] if running else [None, None]
+        out = triton_launch.bn_prepare(x, None, gamma, beta, *rs, True, 0.1, 1e-5, batches_tracked=counted)
+        assert triton_launch.LAUNCHES["bn_finalize_kernel"] - before == (0 if tail else 1)
+        assert int(counted) == 8 and _counters_are_zero()
+        results[tail] = out, rs
+    (out, rs), (out_ref, rs_ref) = results[True], results[False]
+    assert torch.equal(out, out_ref)
+    if running:
+        assert torch.equal(rs[0], rs_ref[0]) and torch.equal(rs[1], rs_ref[1])
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], x.mean((0, 2, 3)), **tol)
+    torch.testing.assert_close(out[1], torch.rsqrt(x.var((0, 2, 3), unbiased=False) + 1e-5), **tol)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="races between programs need a GPU (the interpreter runs them in turn)")
+def test_tails_agree_over_many_launches(monkeypatch):
+    """On a GPU, where the programs run at once: 200 launches of each tail
+    (the dgrad's at ResNet-164's third-stage shape, 64 programs per column
+    block; the statistics') give bit for bit the separate finalize's results
+    every time, and leave the counters at zero."""
+    inp, pad = _inputs(128, 64, 8, 8, 64, 3, 1, torch.float32, "channels_last", False)
+    x, weight = inp["x"], inp["weight"]
+    bn = triton_launch.bn_prepare(x, None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+    grad_y = torch.randn_like(x)
+    monkeypatch.setattr(triton_launch, "FINALIZE_TAIL", False)
+    gx_ref, _, grads_ref = triton_launch.conv_backward(grad_y, x, weight, bn, True, 1, pad, True, False)
+    gx_ref, grads_ref = gx_ref.clone(), grads_ref.clone()
+    monkeypatch.setattr(triton_launch, "FINALIZE_TAIL", True)
+    for _ in range(200):
+        gx, _, grads = triton_launch.conv_backward(grad_y, x, weight, bn, True, 1, pad, True, False)
+        bn_tail = triton_launch.bn_prepare(x, None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+        assert torch.equal(grads, grads_ref) and torch.equal(gx, gx_ref) and torch.equal(bn_tail, bn)
+    assert _counters_are_zero()
+
+
+def test_tails_decline_what_one_program_should_not_sum(monkeypatch):
+    """No tail for more than TAIL_ELEMENTS partials, more column blocks
+    than a counter slot holds, or with FINALIZE_TAIL off; slots rotate."""
+    device = torch.device(DEVICE)
+    assert triton_launch._tail_counters(device, 128, 128, 4) is not None
+    assert triton_launch._tail_counters(device, 129, 128, 4) is None
+    assert triton_launch._tail_counters(device, 1, 16, triton_launch.TAIL_SLOT_COUNTERS + 1) is None
+    first, second = (triton_launch._tail_counters(device, 1, 16, 2) for _ in range(2))
+    assert first.data_ptr() != second.data_ptr() and first.dtype == torch.int32
+    monkeypatch.setattr(triton_launch, "FINALIZE_TAIL", False)
+    assert triton_launch._tail_counters(device, 1, 16, 1) is None
+
+
+def test_batch_counted_by_the_finalize(monkeypatch):
+    """num_batches_tracked + 1 in the finalize launch (emitted moments,
+    given mean/var, x's own statistics), nothing added in eval without it,
+    and a module's count equal to nn.BatchNorm2d's after training steps
+    (fixed momentum: counted in the kernel; momentum None: on the host)."""
+    inp, pad = _inputs(2, 16, 6, 6, 16, 3, 1, REF_DTYPE, "channels_last", False)
+    x = inp["x"]
+    y, parts = triton_ops.bn_relu_conv2d(x, inp["weight"], triton_launch.bn_prepare(
+        x, None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5), inp["gamma"], inp["beta"], True, 1, pad,
+        None, True)
+    count = torch.tensor(0, device=DEVICE)
+    for moments in (parts, torch.stack((y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False))), None):
+        triton_launch.bn_prepare(y, moments, None, None, inp["running_mean"].clone(), inp["running_var"].clone(),
+                                 True, 0.1, 1e-5, batches_tracked=count)
+    assert int(count) == 3
+    with pytest.raises(ValueError, match="batches_tracked"):
+        triton_launch.bn_prepare(y, None, None, None, None, None, True, 0.1, 1e-5,
+                                 batches_tracked=torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    for momentum in (0.1, None):
+        fused = fused_preact.FusedBNReLUConv2d(16, 8, 3, backend="triton").to(DEVICE, REF_DTYPE)
+        ref = torch.nn.BatchNorm2d(16, momentum=momentum).to(DEVICE, REF_DTYPE)
+        fused.bn.momentum = momentum
+        launches = triton_launch.LAUNCHES.copy()
+        for _ in range(3):
+            fused(x)
+            ref(x)
+        assert int(fused.bn.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+        torch.testing.assert_close(fused.bn.running_var, ref.running_var, rtol=1e-10, atol=1e-12)
+        fused.eval()
+        fused(x)
+        assert int(fused.bn.num_batches_tracked) == 3
+        assert sum((triton_launch.LAUNCHES - launches).values()) > 0
+
+
 @pytest.mark.parametrize("ksize, stride", [(3, 1), (1, 2)])
 def test_repeated_calls_agree(ksize, stride):
     """The same unit three times on the same inputs gives the same bits. On a
