@@ -2,6 +2,7 @@
 
     python benchmarks/profile_units.py --units resnetv2_50:s1.1x1a [--provider triton] [--batch 64]
     python benchmarks/profile_units.py --summarize ncu.csv [--out summary.md]
+    python benchmarks/profile_units.py --stalls ncu_raw.csv [--out stalls.md]
 
 The first form builds each unit as ``fused_preact.bench`` does (bf16
 autocast, channels_last, the unit's batch), runs warm-up steps (Triton
@@ -12,7 +13,10 @@ compile and autotune, cuDNN heuristics) and then one step between
 ``ncu --csv --page details`` into a table: per kernel its duration, compute
 and memory throughput (% of peak), DRAM throughput, achieved and
 theoretical occupancy, registers per thread and shared memory per block,
-whichever of these the sections collected. Never asserts anything.
+whichever of these the sections collected. The third reads the CSV of
+``ncu --csv --page raw --metrics regex:smsp__average_warps_issue_stalled_...``
+(what each warp waits on, per issued instruction) and lists each kernel's
+largest stall reasons. Never asserts anything.
 
 Why: kernel_times.py says which kernels are far from their floors (the
 1x1a units' dgrad at 3-4x its memory floor, every wgrad at 7-23x:
@@ -101,6 +105,36 @@ def summarize(path: str) -> list[str]:
     return out
 
 
+STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
+
+
+def stalls(path: str, top: int = 5) -> list[str]:
+    """A markdown table of ncu's raw CSV with the stall-reason metrics: per
+    kernel, the ``top`` reasons by warps stalled per issued instruction
+    (Nsight Compute's Warp State Statistics; e.g. long_scoreboard: waiting
+    for global/local memory, wait: a fixed-latency dependency, barrier,
+    math_pipe_throttle)."""
+    with open(path, newline="") as f:
+        lines = [line for line in f if line.startswith('"')]
+    out = ["| # | kernel | total | largest stall reasons (warps per issued instruction) |", "|---|---|---:|---|"]
+    for row in csv.DictReader(lines):
+        name = row.get("Kernel Name", "")
+        if not name or not row.get("ID", "").strip().isdigit():
+            continue  # the units row under the header
+        reasons = {}
+        for key, value in row.items():
+            if key and key.startswith(STALL_PREFIX) and key.endswith(STALL_SUFFIX):
+                try:
+                    reasons[key[len(STALL_PREFIX):-len(STALL_SUFFIX)]] = float(value.replace(",", ""))
+                except ValueError:
+                    continue
+        ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
+        # (not_issued-style aggregates are not among the per-reason metrics)
+        out.append(f"| {row['ID']} | {name.split('(')[0][:60]} | {sum(reasons.values()):.2f} | "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in ranked[:top]) + " |")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", default="resnetv2_50:s1.1x1a", help="model:unit,... (names as in bench)")
@@ -109,10 +143,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--summarize", metavar="CSV", help="summarise an ncu --csv --page details file instead")
-    parser.add_argument("--out", help="with --summarize: also write the table here")
+    parser.add_argument("--stalls", metavar="CSV", help="list the stall reasons of an ncu --csv --page raw file")
+    parser.add_argument("--out", help="with --summarize/--stalls: also write the table here")
     args = parser.parse_args(argv)
-    if args.summarize:
-        table = summarize(args.summarize)
+    if args.summarize or args.stalls:
+        table = summarize(args.summarize) if args.summarize else stalls(args.stalls)
         print("\n".join(table))
         if args.out:
             with open(args.out, "w") as f:

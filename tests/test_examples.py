@@ -36,3 +36,24 @@ def test_bench_writes_table_json_report_and_plots(tmp_path):
         assert unit["providers"]["native"]["saved_bytes"] < unit["providers"]["eager"]["saved_bytes"]
     assert (tmp_path / "report.md").read_text().startswith("# fused_preact benchmark")
     assert (tmp_path / "units_time_vs_floor.png").exists() and (tmp_path / "cifar_throughput_memory.png").exists()
+
+
+def test_stall_table_ranks_each_kernels_reasons(tmp_path, monkeypatch):
+    """benchmarks/profile_units.py --stalls on a raw ncu CSV: ncu's own lines
+    and the units row skipped, numbers with thousands separators, reasons
+    ranked per kernel (largest first), the total beside them."""
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    import profile_units
+
+    metric = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    header = ["ID", "Kernel Name"] + [metric.format(r) for r in ("long_scoreboard", "wait", "barrier")]
+    rows = [["", "", "ratio", "ratio", "ratio"], ["0", "conv_fwd_kernel", "1.50", "0.70", "2,100.25"],
+            ["1", "bn_finalize_kernel(x)", "0.10", "0.20", "0.05"]]
+    path = tmp_path / "raw.csv"
+    path.write_text("==PROF== Connected to process 1\n"
+                    + "\n".join(",".join(f'"{c}"' for c in row) for row in [header] + rows) + "\n")
+    table = profile_units.stalls(str(path), top=2)
+    assert table[2] == "| 0 | conv_fwd_kernel | 2102.45 | barrier 2100.25, long_scoreboard 1.50 |"
+    assert table[3] == "| 1 | bn_finalize_kernel | 0.35 | wait 0.20, long_scoreboard 0.10 |"
+    assert len(table) == 4
