@@ -1,6 +1,7 @@
 """The runnable examples and the benchmark entry point, on tiny settings."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_stall_table_ranks_each_kernels_reasons(tmp_path, monkeypatch):
     and the units row skipped, numbers with thousands separators, reasons
     ranked per kernel (largest first), the total beside them."""
 
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "benchmarks"))
     import profile_units
 
     metric = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
