@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import os
 import warnings
 from typing import Optional
@@ -561,7 +562,7 @@ TAIL_ELEMENTS = 16384
 TAIL_SLOTS, TAIL_SLOT_COUNTERS = 64, 1024
 TAIL_T = 16 if INTERPRET else 32  # partial rows per step of a tail's loop
 _TAIL_COUNTERS: dict = {}
-_TAIL_NEXT = [0]
+_TAIL_NEXT = itertools.count()  # (next() on it is atomic under the GIL: threads get distinct slots)
 
 
 def _tail_counters(device: torch.device, partial_rows: int, columns: int, blocks: int) -> Optional[Tensor]:
@@ -579,8 +580,7 @@ def _tail_counters(device: torch.device, partial_rows: int, columns: int, blocks
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         buf = _TAIL_COUNTERS[key] = torch.zeros((TAIL_SLOTS, TAIL_SLOT_COUNTERS), device=device, dtype=torch.int32)
-    slot = _TAIL_NEXT[0] = (_TAIL_NEXT[0] + 1) % TAIL_SLOTS
-    return buf[slot, :blocks]
+    return buf[next(_TAIL_NEXT) % TAIL_SLOTS, :blocks]
 
 
 def channel_stats(x: Tensor) -> Tensor:
