@@ -158,14 +158,14 @@ def merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, TILE
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mean, var = _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE, BLOCK_T,
-                            BLOCK_C, IS_FP64)
+                            BLOCK_C, IS_FP64, "")
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
     tl.store(var_ptr + offs_c, var, mask=mask_c)
 
 
 @triton.jit
 def _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE,
-                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr, CACHE: tl.constexpr = ""):
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr, CACHE: tl.constexpr):
     """Chan et al.'s parallel merge of per-tile (count, mean, M2) [TILES, C]
     partials (a tile holds ROWS_PER_TILE rows, the last one the rest of M):
     a chunk of BLOCK_T tiles is merged around its own mean, then into the
