@@ -408,8 +408,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--fail-on", choices=["all", "serialized"], default="all",
-                        help="which problems set the exit status (serialized: only serialized wgmmas; the others "
-                             "are still printed)")
+                        help="which problems set the exit status (serialized: serialized wgmmas and compile "
+                             "failures, not spills or missing wgmma; those are still printed)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compile needs JIT kernels", file=sys.stderr)
@@ -438,8 +438,14 @@ def main(argv=None) -> int:
     for line in bad:
         print("PROBLEM:", line)
     print(f"{len(results)} compiles, {len(bad)} problem(s)")
-    failing = bad if args.fail_on == "all" else [line for line in bad if line.startswith("ptxas serializes")]
-    return 1 if failing else 0
+    return 1 if failing(bad, args.fail_on) else 0
+
+
+def failing(bad: list[str], fail_on: str) -> list[str]:
+    """The problems that fail the run: all, or (``serialized``) serialized
+    wgmmas and compile failures only."""
+    return bad if fail_on == "all" else [line for line in bad if line.startswith(("ptxas serializes",
+                                                                                  "compile failed"))]
 
 
 if __name__ == "__main__":

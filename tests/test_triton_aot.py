@@ -68,3 +68,15 @@ def test_mainloop_count_finds_the_mma_loop():
     assert _mainloop_of_sass(sass) == (4, 1)
     assert _mainloop_of_sass(sass.replace("HGMMA.64x128x16.F32.BF16", "HMMA.16816.F32.BF16")) == (4, 1)
     assert _mainloop_of_sass(sass.replace("HGMMA.64x128x16.F32.BF16", "FMUL")) == (-1, -1)
+
+
+def test_serialized_mode_still_fails_on_compile_failures():
+    """--fail-on serialized (CI's triton 3.6 step) fails on serialized
+    wgmmas and on kernels that do not compile, not on spills: session 9's
+    first 3.6 compile failed a kernel that 3.8 took."""
+    from fused_preact.triton_aot import failing
+
+    bad = ["compile failed: k bf16 v [c] sm_90: CompilationError", "default config spills 8 bytes: k",
+           "ptxas serializes the wgmmas (C7515): k", "no wgmma: k"]
+    assert failing(bad, "serialized") == bad[0:1] + bad[2:3]
+    assert failing(bad, "all") == bad and failing(bad[1:2], "serialized") == []
