@@ -238,7 +238,7 @@ def _configs(kernel: str, all_configs: bool):
                        + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True,
                                          wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel"))
         for cfg in configs:
-            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, cfg.maxnreg)
             seen.setdefault(key, cfg)
             if cols in MODEL_CHANNELS and red in MODEL_CHANNELS:
                 defaults.add(key)
@@ -312,7 +312,8 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
                     else:
                         take = all_configs or j == 0 or (not first_only and (short if first else heaviest))
                     if take:
-                        jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs}, cfg.num_warps,
+                        limit = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
+                        jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs, **limit}, cfg.num_warps,
                                      cfg.num_stages, default, pointers))
         for kernel, variant, constexprs, warps, *pointers in _small_kernels(dtype):
             jobs.append((kernel, dtype, variant, constexprs, warps, 3, True, pointers[0] if pointers else {}))
@@ -327,16 +328,20 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
     from . import triton_kernels as K
 
     kernel, dtype, variant, constexprs, warps, stages, default, pointers = job
+    constexprs = dict(constexprs)
+    maxnreg = constexprs.pop("maxnreg", None)  # a config's register limit (triton.Config.maxnreg)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     fn = getattr(K, kernel)
     cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "FLAT", "CHANNEL_ROWS", "EPILOGUE")))
-    rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}", default)
+    limit = f",maxnreg={maxnreg}" if maxnreg else ""
+    rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}{limit}", default)
     t0 = time.time()
     try:
         sig, attrs, consts = _specialize(fn, _TYPE.get(dtype, dtype), constexprs, pointers)
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": warps, "num_stages": stages})
+                                  options={"num_warps": warps, "num_stages": stages,
+                                           **({"maxnreg": maxnreg} if maxnreg else {})})
         rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"], tool)
         if kernel.startswith("conv_"):
             rec.loop_instructions, rec.loop_mmas = _mainloop(compiled.asm["cubin"], tool)

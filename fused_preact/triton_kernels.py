@@ -130,7 +130,7 @@ def channel_stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, counter_ptr, gamma_ptr
             _bn_finalize_channels(mean_ptr, m2_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, out_ptr,
                                   count_ptr, pid_c == 0, offs_c, mask_c, M, C, tiles, BLOCK_M, momentum, eps,
                                   unbias, True, True, UPDATE_RUNNING, HAS_GAMMA, HAS_BETA, COUNT_BATCH, BLOCK_T,
-                                  BLOCK_C, IS_FP64, ".cg")
+                                  BLOCK_C, IS_FP64, ".cg", 1)
             tl.store(counter_ptr + pid_c, 0)  # ready for the next launch
 
 
@@ -158,14 +158,15 @@ def merge_stats_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, M, C, TILE
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mean, var = _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE, BLOCK_T,
-                            BLOCK_C, IS_FP64, "")
+                            BLOCK_C, IS_FP64, "", 3)
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
     tl.store(var_ptr + offs_c, var, mask=mask_c)
 
 
 @triton.jit
 def _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE,
-                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr, CACHE: tl.constexpr):
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr, CACHE: tl.constexpr,
+                STAGES: tl.constexpr):
     """Chan et al.'s parallel merge of per-tile (count, mean, M2) [TILES, C]
     partials (a tile holds ROWS_PER_TILE rows, the last one the rest of M):
     a chunk of BLOCK_T tiles is merged around its own mean, then into the
@@ -178,9 +179,12 @@ def _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PE
     total = tl.zeros((BLOCK_C,), dtype=acc_dtype)
     mean = tl.zeros((BLOCK_C,), dtype=acc_dtype)
     m2 = tl.zeros((BLOCK_C,), dtype=acc_dtype)
-    # num_stages: Triton pipelines a loop without a dot only when asked;
+    # STAGES: Triton pipelines a loop without a dot only when asked;
     # otherwise each step waits for its own loads (1024 tiles: 4 steps).
-    for t0 in tl.range(0, TILES, BLOCK_T, num_stages=3):
+    # The finalize tails take 1: their few steps would not repay the
+    # registers the pipeline's buffers hold (a dgrad's tail must not lift
+    # the kernel's register count above its GEMM's).
+    for t0 in tl.range(0, TILES, BLOCK_T, num_stages=STAGES):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < TILES
         cnt = tl.where(mask_t, tl.minimum(M - offs_t * ROWS_PER_TILE, ROWS_PER_TILE).to(acc_dtype), 0.0)
@@ -218,7 +222,7 @@ def bn_finalize_kernel(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, running_
     _bn_finalize_channels(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr, out_ptr,
                           count_ptr, pid_c == 0, offs_c, offs_c < C, M, C, TILES, ROWS_PER_TILE, momentum, eps, unbias,
                           FROM_PARTIALS, BATCH_STATS, UPDATE_RUNNING, HAS_GAMMA, HAS_BETA, COUNT_BATCH, BLOCK_T,
-                          BLOCK_C, IS_FP64, "")
+                          BLOCK_C, IS_FP64, "", 3)
 
 
 @triton.jit
@@ -227,7 +231,7 @@ def _bn_finalize_channels(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, runni
                           eps, unbias, FROM_PARTIALS: tl.constexpr, BATCH_STATS: tl.constexpr,
                           UPDATE_RUNNING: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                           COUNT_BATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                          IS_FP64: tl.constexpr, CACHE: tl.constexpr):
+                          IS_FP64: tl.constexpr, CACHE: tl.constexpr, STAGES: tl.constexpr):
     """bn_finalize_kernel's work for the channels offs_c; the program with
     ``counts_batch`` also adds the batch to num_batches_tracked (COUNT_BATCH)."""
     if COUNT_BATCH:
@@ -240,7 +244,7 @@ def _bn_finalize_channels(mean_part_ptr, m2_part_ptr, gamma_ptr, beta_ptr, runni
     if BATCH_STATS:
         if FROM_PARTIALS:
             mean, var = _chan_merge(mean_part_ptr, m2_part_ptr, offs_c, mask_c, M, C, TILES, ROWS_PER_TILE,
-                                    BLOCK_T, BLOCK_C, IS_FP64, CACHE)
+                                    BLOCK_T, BLOCK_C, IS_FP64, CACHE, STAGES)
         else:  # mean/var given (rows 0 and 1 of the parts buffer)
             mean = tl.load(mean_part_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
             var = tl.load(m2_part_ptr + offs_c, mask=mask_c, other=0.0).to(acc_dtype)
@@ -280,17 +284,17 @@ def bn_backward_finalize_kernel(sum_gz_ptr, sum_gz_xhat_ptr, bn_ptr, out_ptr, M,
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     _bn_backward_channels(sum_gz_ptr, sum_gz_xhat_ptr, bn_ptr, bn_ptr + C, bn_ptr + 2 * C, out_ptr, offs_c,
-                          offs_c < C, M, C, TILES, TRAINING, BLOCK_T, BLOCK_C, "")
+                          offs_c < C, M, C, TILES, TRAINING, BLOCK_T, BLOCK_C, "", 3)
 
 
 @triton.jit
 def _bn_backward_channels(sum_gz_ptr, sum_gz_xhat_ptr, mean_ptr, invstd_ptr, scale_ptr, out_ptr, offs_c, mask_c, M,
                           C, TILES, TRAINING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                          CACHE: tl.constexpr):
+                          CACHE: tl.constexpr, STAGES: tl.constexpr):
     """bn_backward_finalize_kernel's work for the channels offs_c."""
     g_beta = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
     g_gamma = tl.zeros((BLOCK_C,), dtype=out_ptr.dtype.element_ty)
-    for t0 in tl.range(0, TILES, BLOCK_T, num_stages=3):  # loads pipelined, as in _chan_merge
+    for t0 in tl.range(0, TILES, BLOCK_T, num_stages=STAGES):  # loads pipelined, as in _chan_merge
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask = (offs_t < TILES)[:, None] & mask_c[None, :]
         idx = offs_t[:, None] * C + offs_c[None, :]
@@ -634,7 +638,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     if FINALIZE:
         if _arrived_last(counter_ptr + pid_n, TILES):
             _bn_backward_channels(sum_gz_ptr, sum_gz_xhat_ptr, mean_ptr, invstd_ptr, scale_ptr, out_ptr, offs_n,
-                                  mask_n, M, C, TILES, TRAINING, BLOCK_T, BLOCK_N, ".cg")
+                                  mask_n, M, C, TILES, TRAINING, BLOCK_T, BLOCK_N, ".cg", 1)
             tl.store(counter_ptr + pid_n, 0)  # ready for the next launch
 
 

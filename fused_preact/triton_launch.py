@@ -219,8 +219,16 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         configs.append(triton.Config({**configs[0].kwargs}, num_warps=configs[0].num_warps, num_stages=4))
     if (small_grid or n_red * taps <= 64 or epilogue_heavy) and bn >= 32:
         half, bk = bn // 2, configs[0].kwargs["BLOCK_K"]
-        configs.append(triton.Config({**configs[0].kwargs, "BLOCK_N": half},
-                                     num_warps=8 if half + bk >= 80 else 4, num_stages=configs[0].num_stages))
+        warps = 8 if half + bk >= 80 else 4
+        # The epilogue-heavy dgrads' half tile with x's tile loaded first is
+        # there to put two 8-warp programs on an SM: at most 128 registers a
+        # thread, said to ptxas (maxnreg; set on the EPILOGUE_FIRST form
+        # below), which otherwise gave the stride-2 form 142 once the
+        # finalize tail was added (sm_90, triton 3.6: 128 without spills
+        # when asked; the other order spills 8-16 bytes at 128).
+        configs.append(triton.Config({**configs[0].kwargs, "BLOCK_N": half}, num_warps=warps,
+                                     num_stages=configs[0].num_stages,
+                                     maxnreg=128 if epilogue_heavy and warps == 8 else None))
         narrow_bk = _pow2(n_red, 16, 32)
         if small_grid and narrow_bk != bk:
             # Two programs per SM: the half-width forward with 32-wide steps
@@ -233,11 +241,12 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
             configs.append(triton.Config({**configs[0].kwargs, "BLOCK_N": half, "BLOCK_K": narrow_bk},
                                          num_warps=8, num_stages=4))
     if taps > 1:
-        configs += [triton.Config({**c.kwargs, "FLAT": True}, num_warps=c.num_warps, num_stages=c.num_stages)
-                    for c in configs]
+        configs += [triton.Config({**c.kwargs, "FLAT": True}, num_warps=c.num_warps, num_stages=c.num_stages,
+                                  maxnreg=c.maxnreg) for c in configs]
         if flat is not None:
             configs = [c for c in configs if c.kwargs["FLAT"] == flat]
-    configs = [triton.Config({**c.kwargs, "EPILOGUE_FIRST": first}, num_warps=c.num_warps, num_stages=c.num_stages)
+    configs = [triton.Config({**c.kwargs, "EPILOGUE_FIRST": first}, num_warps=c.num_warps, num_stages=c.num_stages,
+                             maxnreg=c.maxnreg if first else None)
                for first in _forms(epilogue_tile and n_red * taps <= 64 or epilogue_heavy, epilogue_first)
                for c in configs]
     if wide and n_cols >= 256 and (taps == 1 or flat is not False) and not epilogue_first:
@@ -480,7 +489,8 @@ def _launch(kernel_name: str, grid, args: tuple, kwargs: dict, config_key: Optio
     elif configs:
         cfg = configs[0]
         meta = {**kwargs, **cfg.kwargs}
-        compiled = fn[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        limits = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
+        compiled = fn[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **limits)
     else:
         meta = kwargs
         compiled = fn[grid](*args, **kwargs)

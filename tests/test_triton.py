@@ -246,6 +246,13 @@ def test_epilogue_heavy_dgrads_get_more_candidates(monkeypatch, ksize, stride, k
     assert any(cfg.kwargs["EPILOGUE_FIRST"] for cfg in configs) is heavy
     if heavy:
         assert {64, 32} <= widths  # full (40 channels -> 64) and half width
+    # The half tile with the early load, in eight warps, is held to 128 registers
+    # (two programs per SM); nothing else is limited.
+    limited = {(cfg.kwargs["BLOCK_N"], cfg.kwargs["EPILOGUE_FIRST"], cfg.num_warps) for cfg in configs if cfg.maxnreg}
+    assert all(cfg.maxnreg in (None, 128) for cfg in configs)
+    assert limited == set() if not heavy else limited <= {(32, True, 8)}
+    if heavy and ksize == 1:  # 1x1 over 36 channels: BLOCK_K 64, so the half tile takes eight warps
+        assert limited == {(32, True, 8)}
 
 
 @pytest.mark.parametrize("small_grid", [True, False], ids=["small-grid", "full-grid"])
