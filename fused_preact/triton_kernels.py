@@ -35,8 +35,10 @@ Kernels:
 "Last program" tails (FINALIZE): each program stores its partials, then
 bumps an arrival counter per column block (``_arrived_last``); the one that
 arrives last reads every program's partials and finishes the reduction, so
-the small finalize kernel is not launched. The summation order is the
-finalize kernel's, so the results are bit for bit the same.
+the small finalize kernel is not launched. The tail runs the finalize
+kernel's loop over the partials in chunks of BLOCK_T tiles (the kernel's
+are larger), so the two agree to rounding, and bit for bit where the tiles
+fit one chunk of each.
 
 Padding taps read zero from the *activated* tensor: the prologue masks the
 activated tile, so relu(shift) never leaks into the border (DESIGN.md §2).
