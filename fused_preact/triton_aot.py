@@ -178,6 +178,8 @@ def _variants(kernel: str, dtype: str):
     works in parity classes (PARITY)."""
     import triton.language as tl
 
+    from . import triton_launch as L
+
     dtype = _TYPE.get(dtype, dtype)
     dot = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}[dtype]
     common = {"IS_FP64": dtype == "fp64", "DOT_DTYPE": dot, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
@@ -209,7 +211,7 @@ def _variants(kernel: str, dtype: str):
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight, "PARITY": s == 2}, pointers
                 if suffix == "" and (k, s) != (1, 2):  # with the BN-backward finalize in its last programs
                     yield (f"{k}x{k}/s{s}+fin", {**geometry, **common, **weight, "PARITY": s == 2, "FINALIZE": True,
-                                                 "TRAINING": True, "BLOCK_T": 32}, pointers)
+                                                 "TRAINING": True, "BLOCK_T": L.TAIL_T_DGRAD}, pointers)
             else:
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight}, pointers
             if k == 3 and s == 1 and suffix == "":
@@ -259,7 +261,7 @@ def _small_kernels(dtype: str):
         if bc <= 32:  # with bn_finalize's work in its last programs (batch statistics, running update, count)
             yield ("channel_stats_partial_kernel", "+fin",
                    {"BLOCK_M": 256, "BLOCK_C": bc, "IS_FP64": fp64, "FINALIZE": True, "UPDATE_RUNNING": True,
-                    "HAS_GAMMA": True, "HAS_BETA": True, "COUNT_BATCH": True, "BLOCK_T": 32}, 4)
+                    "HAS_GAMMA": True, "HAS_BETA": True, "COUNT_BATCH": True, "BLOCK_T": L.TAIL_T_STATS}, 4)
         for training in (False, True):
             yield ("bn_grad_input_kernel", "train" if training else "eval",
                    {"TRAINING": training, "IS_FP64": fp64, "BLOCK_M": 128, "BLOCK_C": bc}, 4)

@@ -570,7 +570,13 @@ def _channel_partials(x: Tensor) -> tuple[Tensor, Tensor, int]:
 FINALIZE_TAIL = os.environ.get("FUSED_PREACT_FINALIZE_TAIL", "1") != "0"
 TAIL_ELEMENTS = 16384
 TAIL_SLOTS, TAIL_SLOT_COUNTERS = 64, 1024
-TAIL_T = 16 if INTERPRET else 32  # partial rows per step of a tail's loop
+# Partial rows per step of a tail's loop. Each step waits for its loads
+# from L2 (the loop is not pipelined: see triton_kernels._chan_merge), so
+# few wide steps: ResNet-164's third-stage tails take one or two. 128 rows
+# cost the dgrads no registers (sm_90, triton 3.6 and 3.8: the GEMM sets
+# the count); the statistics kernel holds more per row (Chan's merge), and
+# at 64 stays under 100 registers with 32-channel blocks.
+TAIL_T_DGRAD, TAIL_T_STATS = (16, 16) if INTERPRET else (128, 64)
 _TAIL_COUNTERS: dict = {}
 _TAIL_NEXT = itertools.count()  # (next() on it is atomic under the GIL: threads get distinct slots)
 
@@ -681,7 +687,7 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
             part = torch.empty((2, tiles, c), device=x.device, dtype=sdt)
             _run("channel_stats_partial_kernel", (tiles, blocks), x, part[0], part[1], counters, *finalize_args,
                  m, c, h * w, w, *_strides(x), float(momentum), float(eps), unbias, BLOCK_M=block_m,
-                 BLOCK_C=block_c, IS_FP64=sdt == torch.float64, FINALIZE=True, BLOCK_T=TAIL_T, **flags)
+                 BLOCK_C=block_c, IS_FP64=sdt == torch.float64, FINALIZE=True, BLOCK_T=TAIL_T_STATS, **flags)
             return out
     if emitted:
         mean_part, m2_part, rows = batch_moments[0], batch_moments[1], STATS_ROWS
@@ -891,7 +897,8 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          m, c, k_out, h, w, oh, ow, tiles, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
                          INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=_wide_index(grad_y, w_gemm, x, gz),
-                         FINALIZE=counters is not None, TRAINING=training, BLOCK_T=TAIL_T, even=("EVEN_K", k_out))
+                         FINALIZE=counters is not None, TRAINING=training, BLOCK_T=TAIL_T_DGRAD,
+                         even=("EVEN_K", k_out))
             if counters is None:
                 merge_c = _pow2(c, 16, MERGE_C)
                 _run("bn_backward_finalize_kernel", (_cdiv(c, merge_c),),

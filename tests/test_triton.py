@@ -552,19 +552,23 @@ def test_1x1_weight_of_another_dtype_cast_or_read_as_is(monkeypatch, cast):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs these block sizes in every test")
-def test_gpu_merge_blocks_under_the_interpreter(monkeypatch):
+@pytest.mark.parametrize("tail", [False, True], ids=["finalize-kernels", "tails"])
+def test_gpu_merge_blocks_under_the_interpreter(monkeypatch, tail):
     """The per-channel merges (statistics, finalize, backward finalize) with
     the GPU's block sizes (MERGE_T x MERGE_C = 256 x 16) and more than 256
     tiles, so the walk over tiles takes several steps: 9248 rows are 290
-    tiles of the interpreter's 32-row conv tiles."""
+    tiles of the interpreter's 32-row conv tiles; or (tails) the same sums
+    done by the kernels' last programs, in 19 steps of 16 tiles."""
     monkeypatch.setattr(triton_launch, "MERGE_T", 256)
     monkeypatch.setattr(triton_launch, "MERGE_C", 16)
+    monkeypatch.setattr(triton_launch, "FINALIZE_TAIL", tail)
+    flags = _launch_flags(monkeypatch, "conv_dgrad_kernel", "FINALIZE")
     inp, pad = _inputs(2, 20, 68, 68, 18, 1, 1, REF_DTYPE, "channels_last", True)
     _compare(inp, True, 1, pad, REF_DTYPE)
     bn = triton_ops.bn_prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
     y, parts = triton_ops.bn_relu_conv2d(inp["x"], inp["weight"], bn, inp["gamma"], inp["beta"], True, 1, pad,
                                          inp["residual"], True)
-    assert parts.shape[1] > 256
+    assert parts.shape[1] > 256 and flags and set(flags) == {tail}
     mean, var = triton_launch.merge_moments(parts, y.numel() // y.shape[1])
     torch.testing.assert_close(mean, y.mean((0, 2, 3)), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(var, y.var((0, 2, 3), unbiased=False), rtol=1e-10, atol=1e-10)
