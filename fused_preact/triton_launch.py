@@ -540,19 +540,25 @@ def _stats_blocks(x: Tensor) -> tuple[int, int]:
     return (64 if INTERPRET else 256), _pow2(x.shape[1], 16, 64 if INTERPRET else 32)
 
 
-def _channel_partials(x: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Per-tile (mean, M2) partials of x per channel, and the rows per tile."""
+def _channel_partials(x: Tensor, counters: Optional[Tensor] = None, finalize_args: tuple = (),
+                      scalars: tuple = (0.0, 0.0, 1.0), **flags) -> tuple[Tensor, Tensor, int]:
+    """Per-tile (mean, M2) partials of x per channel, and the rows per tile.
+    With ``counters`` (``_tail_counters``) the kernel's last programs also
+    finalize (FINALIZE): ``finalize_args`` are bn_finalize_kernel's gamma ..
+    count pointers, ``scalars`` its momentum, eps, unbias, ``flags`` its
+    UPDATE_RUNNING, HAS_GAMMA, HAS_BETA, COUNT_BATCH."""
     n, c, h, w = x.shape
     m = n * h * w
     sdt = stats_dtype(x)
     block_m, block_c = _stats_blocks(x)
     tiles = _cdiv(m, block_m)
-    mean_part = torch.empty((tiles, c), device=x.device, dtype=sdt)
-    m2_part = torch.empty_like(mean_part)
+    part = torch.empty((2, tiles, c), device=x.device, dtype=sdt)
+    tail = {"FINALIZE": True, "BLOCK_T": TAIL_T_STATS, **flags} if counters is not None else {}
     _run("channel_stats_partial_kernel", (tiles, _cdiv(c, block_c)),
-         x, mean_part, m2_part, *(mean_part,) * 7, m, c, h * w, w, *_strides(x), 0.0, 0.0, 1.0,
-         BLOCK_M=block_m, BLOCK_C=block_c, IS_FP64=sdt == torch.float64)
-    return mean_part, m2_part, block_m
+         x, part[0], part[1], counters if counters is not None else part, *(finalize_args or (part,) * 6),
+         m, c, h * w, w, *_strides(x), *scalars, BLOCK_M=block_m, BLOCK_C=block_c, IS_FP64=sdt == torch.float64,
+         **tail)
+    return part[0], part[1], block_m
 
 
 # ------------------------------------------------------- last-program tails
@@ -681,13 +687,9 @@ def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tenso
     unbias = count / (count - 1) if count > 1 else 1.0
     if from_partials and not emitted and not global_count:
         block_m, block_c = _stats_blocks(x)
-        tiles, blocks = _cdiv(m, block_m), _cdiv(c, block_c)
-        counters = _tail_counters(x.device, tiles, block_c, blocks)
+        counters = _tail_counters(x.device, _cdiv(m, block_m), block_c, _cdiv(c, block_c))
         if counters is not None:  # one launch: the statistics' last programs finalize
-            part = torch.empty((2, tiles, c), device=x.device, dtype=sdt)
-            _run("channel_stats_partial_kernel", (tiles, blocks), x, part[0], part[1], counters, *finalize_args,
-                 m, c, h * w, w, *_strides(x), float(momentum), float(eps), unbias, BLOCK_M=block_m,
-                 BLOCK_C=block_c, IS_FP64=sdt == torch.float64, FINALIZE=True, BLOCK_T=TAIL_T_STATS, **flags)
+            _channel_partials(x, counters, finalize_args, (float(momentum), float(eps), unbias), **flags)
             return out
     if emitted:
         mean_part, m2_part, rows = batch_moments[0], batch_moments[1], STATS_ROWS
