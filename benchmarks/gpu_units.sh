@@ -25,7 +25,7 @@ LOG=$OUT/gpu_units.log
 # TRIAL_SIDE_BY_SIDE=1 adds ResNet-164's table with the autotuner's trials timed
 # one launch at a time (FUSED_PREACT_GRAPH_TRIALS=0, the form before session 8).
 MODELS=${MODELS:-"resnet164 resnetv2_50"}
-TESTS=${TESTS:-"last_programs or tails or batch_counted or weight_pack or split_sum or graph_trial or small_division or epilogue_heavy or channels_last_weight_only or parity_classes"}
+TESTS=${TESTS:-"tma or last_programs or tails or batch_counted or weight_pack or split_sum or graph_trial or small_division or epilogue_heavy or channels_last_weight_only or parity_classes"}
 
 step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
   $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'; nproc"

@@ -151,7 +151,10 @@ def _mainloop(cubin: bytes, tool: str) -> tuple[int, int]:
 def _mainloop_of_sass(sass: str) -> tuple[int, int]:
     """(instructions, MMA instructions) of the largest loop of a SASS listing
     that holds MMAs (HGMMA/HMMA): a loop is a backward branch and the
-    instructions from its target; (-1, -1) if none."""
+    instructions from its target; (-1, -1) if none. Not a "loop" holding
+    an EXIT: the retries of a failed mbarrier wait (the TMA kernels) sit
+    after the kernel's end and branch back into the reduction loop, which
+    would make the whole kernel one."""
     code = [(int(addr, 16), text) for addr, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     index = {addr: i for i, (addr, _) in enumerate(code)}
     best = (-1, -1)
@@ -161,6 +164,8 @@ def _mainloop_of_sass(sass: str) -> tuple[int, int]:
         if target is None or target >= addr or target not in index:
             continue
         body = [t for _, t in code[index[target]:i + 1]]
+        if any(re.search(r"\bEXIT\b", t) for t in body):
+            continue
         mmas = sum(1 for t in body if re.search(r"\b(HGMMA|HMMA)\b", t))
         if mmas and len(body) > best[0]:
             best = (len(body), mmas)
@@ -214,6 +219,13 @@ def _variants(kernel: str, dtype: str):
                                                  "TRAINING": True, "BLOCK_T": L.TAIL_T_DGRAD}, pointers)
             else:
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight}, pointers
+            if kernel == "conv_fwd_kernel" and s == 1 and (suffix == "" if k == 3 else suffix == ",w-cast"):
+                # read through TMA descriptors (sm_90; triton_launch._tma_forward):
+                # the weight packed [KH*KW*C, K], or 1x1 [K, C] cast to x's dtype
+                for res, emit in ((False, False), (True, True)):
+                    yield (f"{k}x{k}/s{s}{'+res+stats' if res else ''}{suffix},tma",
+                           {**geometry, **common, **weight, "HAS_RESIDUAL": res, "EMIT_STATS": emit,
+                            "W_KC": k == 1}, pointers)
             if k == 3 and s == 1 and suffix == "":
                 extra = {"HAS_RESIDUAL": False, "EMIT_STATS": False} if kernel == "conv_fwd_kernel" else {}
                 extra |= {"PARITY": False} if kernel == "conv_dgrad_kernel" else {}
@@ -236,9 +248,9 @@ def _configs(kernel: str, all_configs: bool):
         else:  # every candidate: 3x3 (both loops, half-width tiles) and 1x1 (epilogue loads first),
             # the forward's 256-column tiles, the epilogue-heavy dgrads' forms
             wide = kernel == "conv_fwd_kernel"
-            configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide)
+            configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide, tma=wide)
                        + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True,
-                                         wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel"))
+                                         wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel", tma=wide))
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, cfg.maxnreg)
             seen.setdefault(key, cfg)
@@ -281,7 +293,7 @@ def _small_kernels(dtype: str):
            {"src_ptr": param, "dst_ptr": _TYPE.get(dtype, dtype)})
 
 
-def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
+def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True) -> list[tuple]:
     """(kernel, dtype, variant, constexprs, warps, stages, default?, pointer dtypes) to compile.
     Every config of each GEMM kernel with its heaviest variants (3x3, stride 1,
     residual and statistics epilogue; 1x1 with a cast weight, the long
@@ -290,6 +302,8 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
     the 1x1 stride-1 variants instead (with the residual, for the forward);
     the forward's 256-column tiles with both (1x1 with a short reduction
     reads the fp32 weight as it is);
+    the forward's TMA configs with its TMA variants (``,tma``), both only
+    where ``tma`` (sm_90);
     ``first_only``: the first config of each variant; ``all_configs``:
     every config with every variant."""
     jobs = []
@@ -308,7 +322,12 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False) -> list[tuple]:
                 short = variant in ("1x1/s1", "1x1/s1+res+stats", "1x1/s1+fin")
                 for j, (cfg, default) in enumerate(configs):
                     first = cfg.kwargs.get("EPILOGUE_FIRST", False)
-                    if cfg.kwargs["BLOCK_N"] == 256:  # forward only: flat 3x3, 1x1, with launchable variants
+                    if variant.endswith(",tma") or cfg.kwargs.get("TMA"):
+                        # every TMA config with the TMA variants (the register
+                        # limit is for the 3x3 ones: triton_launch._gemm_configs)
+                        take = (tma and variant.endswith(",tma") and bool(cfg.kwargs.get("TMA"))
+                                and not (variant.startswith("1x1") and cfg.maxnreg))
+                    elif cfg.kwargs["BLOCK_N"] == 256:  # forward only: flat 3x3, 1x1, with launchable variants
                         take = (cfg.kwargs["FLAT"] == variant.startswith("3x3")
                                 and (all_configs or (not first_only and (short or heaviest))))
                     else:
@@ -334,7 +353,8 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
     maxnreg = constexprs.pop("maxnreg", None)  # a config's register limit (triton.Config.maxnreg)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     fn = getattr(K, kernel)
-    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("BLOCK", "GROUP", "FLAT", "CHANNEL_ROWS", "EPILOGUE")))
+    cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items()
+                         if k.startswith(("BLOCK", "GROUP", "FLAT", "CHANNEL_ROWS", "EPILOGUE", "TMA")))
     limit = f",maxnreg={maxnreg}" if maxnreg else ""
     rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}{limit}", default)
     t0 = time.time()
@@ -367,7 +387,7 @@ def compile_all(archs, dtypes, all_configs: bool, jobs: int = 1, progress: bool 
 
     # Before sm_90 (no wgmma, no spill check) the first config of each variant
     # is compiled, as a check that the kernels build there (sm_80).
-    work = [(arch, job) for arch in archs for job in _jobs(dtypes, all_configs, first_only=arch < 90)]
+    work = [(arch, job) for arch in archs for job in _jobs(dtypes, all_configs, first_only=arch < 90, tma=arch >= 90)]
     results = []
     with tqdm(total=len(work), desc="AOT compile", disable=not progress) as bar:
         if jobs <= 1:

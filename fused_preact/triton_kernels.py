@@ -328,6 +328,15 @@ def _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sx
     mask_c = (offs_c < C) | EVEN_C
     mask = row_ok[:, None] & mask_c[None, :]
     x = tl.load(x_ptr + row_base[:, None] + _idx(offs_c, WIDE_INDEX)[None, :] * sxc, mask=mask, other=0.0)
+    return _activate(x, scale_ptr, shift_ptr, row_ok, offs_c, C, DOT_DTYPE, IS_FP64, EVEN_C)
+
+
+@triton.jit
+def _activate(x, scale_ptr, shift_ptr, row_ok, offs_c, C, DOT_DTYPE: tl.constexpr, IS_FP64: tl.constexpr,
+              EVEN_C: tl.constexpr):
+    """relu(x*scale + shift) of a loaded [rows, channels] tile, zero in the
+    rows where ``row_ok`` is false (padding taps, rows past M), cast to DOT_DTYPE."""
+    mask_c = (offs_c < C) | EVEN_C
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
     if IS_FP64:
@@ -387,6 +396,29 @@ def _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_tap, offs_c, 
 
 
 @triton.jit
+def _fwd_tma_mma(acc, x_desc, w_desc, scale_ptr, shift_ptr, mask_m, oh, ow, kh, kw, c0, m0, n0, C, H, W,
+                 PAD: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr, W_KC: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 EVEN_C: tl.constexpr):
+    """acc += relu(x*scale + shift)[tap rows, c0:c0+BLOCK_K] @ W[tap][c0:c0+BLOCK_K, n0:]
+    through TMA descriptors (conv_fwd_kernel's TMA): the tap's input rows
+    are the output rows m0... shifted by (kh - PAD) * W + (kw - PAD)."""
+    ih = oh - PAD + kh
+    iw = ow - PAD + kw
+    row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x = x_desc.load([m0 + (kh - PAD) * W + (kw - PAD), c0])
+    a = _activate(x, scale_ptr, shift_ptr, row_ok, c0 + tl.arange(0, BLOCK_K), C, DOT_DTYPE, IS_FP64, EVEN_C)
+    if W_KC:
+        b = w_desc.load([n0, c0]).T
+    else:
+        b = w_desc.load([(kh * KW + kw) * C + c0, n0])
+    # Channels past C: x's tile is zero there (beyond the descriptor), so
+    # is the activation (scale = shift = 0), whatever weight rows (the next
+    # tap's) the block meets.
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_part_ptr, m2_part_ptr,
                     M, C, K, H, W, OH, OW,
                     sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw, swk, swc, swh, sww,
@@ -395,7 +427,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     FLAT: tl.constexpr, EPILOGUE_FIRST: tl.constexpr = False, WIDE_INDEX: tl.constexpr = False,
-                    EVEN_C: tl.constexpr = False):
+                    EVEN_C: tl.constexpr = False, TMA: tl.constexpr = False, W_KC: tl.constexpr = False):
     """Implicit-GEMM forward: rows = output pixels (M = N*OH*OW), columns =
     output channels (K), reduction = KH*KW taps x C input channels. The
     weight [K, C, KH, KW] is read through its strides (sw*): nn.Conv2d's own
@@ -416,7 +448,22 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
 
     EVEN_C: C is a multiple of BLOCK_K (as in every ResNet layer), so the
     reduction's loads need no channel masks: 4-8% of the loop's
-    instructions (sm_90 SASS, triton 3.6; EVEN_K in the dgrad: ~25%)."""
+    instructions (sm_90 SASS, triton 3.6; EVEN_K in the dgrad: ~25%).
+
+    TMA (stride 1, "same" padding, x with dense rows; the launcher checks):
+    x and the weight are read by the Hopper tensor-memory accelerator
+    through tensor descriptors, x as the [M, C] matrix of its pixels. For
+    tap (kh, kw) the input pixel of output row m is row m + (kh - PAD) * W +
+    (kw - PAD): the tile of a tap is a block of rows shifted by a constant,
+    one descriptor load. Rows that shift across an image's border (or off
+    the tensor, which the TMA fills with zeros) are padding taps, zeroed
+    after the activation by the same row mask as the pointer loads. No
+    per-element address arithmetic or masks, and the copies run
+    asynchronously in the pipeline's stages: on sm_90 the flat 3x3 128x128x64
+    tile takes 128 registers with triton 3.6 (two programs an SM) where the
+    pointer form takes 230 (triton_aot). The weight: packed [KH*KW*C, K]
+    (K contiguous), or a 1x1 one as [K, C] (W_KC, C contiguous, nn.Conv2d's
+    layout), in x's dtype."""
     pid_m, pid_n = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -441,7 +488,30 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
     # note C7515; triton_aot reports it as ``serialized``). Not told for the
     # unrolled 3x3 loops, where it makes ptxas serialize them instead
     # (registers of a wgmma's A operand redefined in flight; sm_90, triton 3.6).
-    if FLAT:
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, [M, C], [sxw, 1], [BLOCK_M, BLOCK_K])
+        if W_KC:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [K, C], [swk, 1], [BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [KH * KW * C, K], [swc, 1], [BLOCK_K, BLOCK_N])
+        if KH * KW == 1:
+            # (this loop form, not the flat one: with the flat one triton 3.8
+            # has ptxas serialize the 1x1 wgmmas, sm_90)
+            tl.assume(C > 0)
+            for c0 in range(0, C, BLOCK_K):
+                acc = _fwd_tma_mma(acc, x_desc, w_desc, scale_ptr, shift_ptr, mask_m, oh, ow, 0, 0, c0,
+                                   pid_m * BLOCK_M, pid_n * BLOCK_N, C, H, W, PAD, KW, BLOCK_K, W_KC, DOT_DTYPE,
+                                   IS_FP64, INPUT_PRECISION, EVEN_C)
+        else:
+            chunks = tl.cdiv(C, BLOCK_K)
+            tl.assume(KH * KW * chunks > 0)
+            for it in range(0, KH * KW * chunks):
+                tap = it // chunks
+                kh = tap // KW
+                acc = _fwd_tma_mma(acc, x_desc, w_desc, scale_ptr, shift_ptr, mask_m, oh, ow, kh, tap - kh * KW,
+                                   (it - tap * chunks) * BLOCK_K, pid_m * BLOCK_M, pid_n * BLOCK_N, C, H, W, PAD,
+                                   KW, BLOCK_K, W_KC, DOT_DTYPE, IS_FP64, INPUT_PRECISION, EVEN_C)
+    elif FLAT:
         chunks = tl.cdiv(C, BLOCK_K)
         tl.assume(KH * KW * chunks > 0)
         for it in range(0, KH * KW * chunks):

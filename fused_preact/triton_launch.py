@@ -154,7 +154,8 @@ def _forms(offered: bool, forced: Optional[bool]) -> tuple[bool, ...]:
 def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, taps: int = 1,
                   flat: Optional[bool] = None, small_grid: bool = False, epilogue_tile: bool = False,
                   epilogue_first: Optional[bool] = None, wide: bool = False,
-                  wide_only: bool = False, epilogue_heavy: bool = False) -> list[triton.Config]:
+                  wide_only: bool = False, epilogue_heavy: bool = False, tma: bool = False,
+                  tma_only: bool = False) -> list[triton.Config]:
     """Forward/dgrad: the tile spans the output channels (up to 128); eight
     warps for wide tiles, where the transformed A tile and the accumulator
     would otherwise exceed the register file (measured with triton_aot).
@@ -188,6 +189,10 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     the H200 it picked the wide tile for every stage-3 forward, 1.4x faster;
     Nsight Compute then found the large forwards latency-bound: session 8).
     ``wide_only`` keeps only that tile (FWD_WIDE_TILE).
+    ``tma`` (a forward the tensor-memory accelerator can read: ``_tma_forward``)
+    adds the first config and the 256-column one with x and the weight read
+    through tensor descriptors (conv_fwd_kernel's TMA); ``tma_only`` keeps
+    only those (FWD_TMA).
     ``epilogue_heavy`` (a dgrad whose epilogue -- x's tile in, gz's out,
     two column sums -- is long beside its reduction: 1x1 or stride 2 in
     parity classes, at most 512 output channels) adds the half-width tile
@@ -255,6 +260,34 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
                                       "FLAT": taps > 1, "EPILOGUE_FIRST": False}, num_warps=8, num_stages=3))
         if wide_only:
             return configs[-1:]
+    if tma:
+        # A few candidates, not a copy of every config: each costs a compile
+        # on a fresh machine's first step (~1-2 s). Without per-element
+        # address arithmetic the TMA form takes fewer registers (sm_90,
+        # triton 3.6, 3x3 with residual and statistics): 128x128x64 152-162
+        # (1x1 or 3x3), 128 without spills when asked (maxnreg), so two
+        # 8-warp programs share an SM (99 KB of shared memory each at 3
+        # stages); 128x128x32 at 4 stages 126 (66 KB); the half-width
+        # 128x64x64 122 (75 KB), for grids too small to fill the GPU (ResNet-
+        # v2-50's fourth stage: 100 programs of 128x128 for 132 SMs); and the
+        # 256-column tile, 254 (one program an SM). The pointer forms' 3x3
+        # 128x128x64 takes 230: one program an SM, which Nsight Compute found
+        # latency-bound (session 8).
+        first = configs[0]
+        bn, bk, warps = first.kwargs["BLOCK_N"], first.kwargs["BLOCK_K"], first.num_warps
+        # (maxnreg only for 3x3: the 1x1 forms spill 16 bytes at 128 with triton 3.8)
+        tma_shapes = [(bn, bk, warps, 3, 128 if warps == 8 and bn >= 128 and taps > 1 else None)]
+        if bk == 64:
+            tma_shapes.append((bn, 32, warps, 4, None))
+        if small_grid and bn >= 32:
+            tma_shapes.append((bn // 2, bk, 8 if bn // 2 + bk >= 80 else 4, 3, None))
+        tma_shapes += [(256, 64, 8, 3, None) for c in configs if c.kwargs["BLOCK_N"] == 256]
+        tma_configs = [triton.Config({**first.kwargs, "BLOCK_N": n, "BLOCK_K": k, "FLAT": False,
+                                      "EPILOGUE_FIRST": False, "TMA": True},
+                                     num_warps=w, num_stages=s, maxnreg=r) for n, k, w, s, r in tma_shapes]
+        if tma_only:
+            return tma_configs
+        configs += tma_configs
     return configs[:1] if not AUTOTUNE else configs
 
 
@@ -329,6 +362,12 @@ EPILOGUE_FIRST_LOAD: Optional[bool] = None
 # True = only that tile where it is offered (and under the interpreter, any
 # dtype), False = never (tests).
 FWD_WIDE_TILE: Optional[bool] = None
+# The forward reading x and the weight through TMA descriptors
+# (conv_fwd_kernel's TMA, where ``_tma_forward`` allows): None = autotuning
+# candidates on a GPU of compute capability 9+ with 16-bit inputs, True =
+# only that form where it is allowed (also under the interpreter, any
+# dtype: the tests), False = never (env FUSED_PREACT_FWD_TMA=0).
+FWD_TMA: Optional[bool] = False if os.environ.get("FUSED_PREACT_FWD_TMA") == "0" else None
 # Splits of the weight-gradient reduction over rows: None = enough programs
 # to fill a GPU (one under the interpreter); a number forces it (tests).
 WGRAD_SPLIT: Optional[int] = None
@@ -496,6 +535,9 @@ def _launch(kernel_name: str, grid, args: tuple, kwargs: dict, config_key: Optio
         compiled = fn[grid](*args, **kwargs)
     if key is None or meta is None or not isinstance(compiled, triton.compiler.CompiledKernel):
         return
+    # The constexprs after the positional arguments, those left at their
+    # defaults (a config without TMA, say) included.
+    meta = {**_defaults(kernel_name), **meta}
     names = fn.arg_names[len(args):]
     if any(name not in meta for name in names):
         return
@@ -503,6 +545,12 @@ def _launch(kernel_name: str, grid, args: tuple, kwargs: dict, config_key: Optio
     if len(_COMPILED) >= _COMPILED_MAX:
         _COMPILED.clear()
     _COMPILED[key] = (compiled, g + (1,) * (3 - len(g)), tuple(meta[name] for name in names))
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(kernel_name: str) -> dict:
+    """The kernel's parameters that have default values, with them."""
+    return {p.name: p.default for p in getattr(K, kernel_name).params if p.has_default}
 
 
 def _run(kernel_name: str, grid, *args, **constexprs) -> None:
@@ -802,6 +850,45 @@ def _check_channels(c: int, k_out: int) -> None:
 MAX_CHANNELS = 1 << 20
 
 
+def _tma_forward(x: Tensor, w_gemm: Tensor, stride: int, padding: int) -> Optional[bool]:
+    """Whether conv_fwd_kernel may read x and ``w_gemm`` through TMA
+    descriptors (its TMA form) and, if so, W_KC (the weight read as [K, C]);
+    None where it may not. The kernel treats x as the [N*H*W, C] matrix of
+    its pixels, whose row shifted by a constant is a tap's input pixel: a
+    stride-1 conv with "same" padding over x with dense rows. A descriptor
+    wants 16-byte aligned addresses and row strides, rows of contiguous
+    elements, and the weight in x's dtype, packed [KH, KW, C, K] (K
+    innermost) or 1x1 as nn.Conv2d's [K, C] (C innermost). On a GPU: compute
+    capability 9+ (the TMA) and 16-bit inputs, unless FWD_TMA forces it."""
+    if FWD_TMA is False:
+        return None
+    k_out, c, kh, kw = w_gemm.shape
+    esize = x.element_size()
+    if (stride != 1 or kh != kw or kh != 2 * padding + 1 or x.stride(1) != 1 or not _dense_rows(x)
+            or x.stride(3) < c or (x.stride(3) * esize) % 16 or x.data_ptr() % 16 or w_gemm.data_ptr() % 16
+            or w_gemm.dtype != x.dtype):
+        return None
+    if not INTERPRET and not (x.is_cuda and (FWD_TMA or esize == 2) and _has_tma(x.device.index)):
+        return None  # (CPU tensors outside the interpreter: benchmarks/host_overhead.py's null driver)
+    sk, sc, sh, sw = w_gemm.stride()
+    if sk == 1 and sc == k_out and sw == c * k_out and sh == kw * sw and (k_out * esize) % 16 == 0:
+        return False  # packed: rows (kh, kw, c) of K weights
+    if kh * kw == 1 and sc == 1 and sk >= c and (sk * esize) % 16 == 0:
+        return True  # [K, C]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: Optional[int]) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _tma_allocator(size: int, alignment: int, stream) -> Tensor:
+    """Device memory for the tensor descriptors a TMA kernel builds
+    (Triton asks at each launch: 128 bytes a descriptor a program)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
 def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: int, residual: Optional[Tensor],
                  emit_stats: bool) -> tuple[Tensor, Optional[Tensor]]:
     """y = conv2d(relu(x*scale + shift), weight) [+ residual] in x's memory
@@ -823,6 +910,11 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     mean_part, m2_part = (stats[0], stats[1]) if emit_stats else (y, y)
     if m > 0:
         w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype, tiles, c)  # 3x3: packed [KH, KW, C, K]
+        w_kc = _tma_forward(x, w_gemm, stride, padding)
+        if w_kc is not None and not INTERPRET:
+            # Triton keeps the allocator in a context variable: set here, in
+            # the thread (autograd's, for a recomputing checkpoint) that launches.
+            triton.set_allocator(_tma_allocator)
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
         # 256-column tiles: with 16-bit inputs (three stages of fp32 tiles
@@ -830,17 +922,19 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
         # weight (read as it is, in fp32, it spills registers with triton 3.8).
         wide = (x.element_size() == 2 and (kh * kw == 1 or w_gemm.dtype == x.dtype)
                 and FWD_WIDE_TILE is not False)
+        tma = w_kc is not None
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
                                                _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
-                                               EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE)),
+                                               EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE), False, tma,
+                                               tma and bool(FWD_TMA)),
                      {"BLOCK_M": rows, "BLOCK_N": 256 if FWD_WIDE_TILE else _pow2(k_out, 16, 32),
                       "BLOCK_K": _pow2(c, 16, 16), "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1,
-                      "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD)},
+                      "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(FWD_TMA)},
                      x, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
                      *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
                      KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
                      DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=_wide_index(x, w_gemm, res, y),
-                     even=("EVEN_C", c))
+                     W_KC=bool(w_kc), even=("EVEN_C", c))
     return y, stats
 
 

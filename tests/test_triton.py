@@ -501,6 +501,88 @@ def test_offset_width_follows_the_largest_offset():
     assert not triton_launch._wide_index(torch.empty_strided((3, 4, 5, 6), (1 << 28, 1, 24, 4), device="meta"))
 
 
+def _record_forward_constexprs(monkeypatch) -> list:
+    """The constexprs of every conv_fwd_kernel launch from here on."""
+    seen, launch = [], triton_launch._launch
+
+    def spy(kernel_name, grid, args, kwargs, config_key=None):
+        if kernel_name == "conv_fwd_kernel":
+            seen.append((dict(kwargs), config_key))
+        return launch(kernel_name, grid, args, kwargs, config_key)
+
+    monkeypatch.setattr(triton_launch, "_launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("ksize", [3, 1])
+@pytest.mark.parametrize("shape, beta_offset", [((2, 8, 5, 7, 16), 1.0), ((1, 40, 6, 5, 40), 1.0),
+                                                ((3, 8, 1, 6, 8), 1.0), ((2, 8, 4, 4, 8), 30.0)],
+                         ids=["odd", "chunks", "one-row", "large-beta"])
+def test_forward_through_tma_descriptors(monkeypatch, shape, beta_offset, ksize, residual):
+    """The forward reading x and the weight through tensor descriptors
+    (conv_fwd_kernel's TMA; FWD_TMA forces it, also under the interpreter):
+    a tap's rows are x's pixel rows shifted by a constant, and the rows that
+    cross an image's border, or leave the tensor, must come out zero after
+    the activation: with beta + 30 a leaked relu(shift) or neighbour pixel
+    would be large. Odd sizes, several channel chunks with C not a multiple
+    of the block, N = 1 with one row, residual and all gradients against the
+    reference; the 3x3 weight packed (TMA reads [KH*KW*C, K]), the 1x1 one
+    as nn.Conv2d's [K, C] (W_KC). Channel counts that make 16-byte rows in
+    bf16 too: on a GPU also in bf16, by the ratio rule of DESIGN.md §5."""
+    monkeypatch.setattr(triton_launch, "FWD_TMA", True)
+    monkeypatch.setattr(triton_launch, "SMALL_WEIGHT_READS", 0)
+    seen = _record_forward_constexprs(monkeypatch)
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("no TMA before compute capability 9")
+    n, c, h, w, k = shape
+    inp, pad = _inputs(n, c, h, w, k, ksize, 1, REF_DTYPE, "channels_last", residual, beta_offset=beta_offset)
+    _compare(inp, True, 1, pad, REF_DTYPE)
+    if DEVICE == "cuda":  # and in bf16, the dtype it is for (wgmma from the descriptors' shared memory)
+        inp, pad = _inputs(n, c, h, w, k, ksize, 1, torch.bfloat16, "channels_last", residual,
+                           beta_offset=beta_offset)
+        _check_ratio_rule(inp, 1, pad)
+    assert seen, "the forward ran"
+    for kwargs, config_key in seen:
+        assert kwargs["W_KC"] == (ksize == 1)
+        if triton_launch.INTERPRET:
+            assert kwargs["TMA"]
+        else:
+            assert config_key[-2:] == (True, True), "TMA candidates only"
+
+
+def test_forward_tma_only_where_descriptors_can_read():
+    """_tma_forward: stride 1 with "same" padding over x with dense rows at
+    16-byte aligned addresses and row strides, the weight in x's dtype,
+    packed [KH, KW, C, K] or 1x1 [K, C]; anything else takes the pointer
+    loads (None). On a GPU: bf16 on compute capability 9+ (the TMA)."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("no TMA before compute capability 9")
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+
+    def x_of(c=8, layout=torch.channels_last):
+        return torch.zeros(2, c, 5, 6, dtype=dtype, device=DEVICE).to(memory_format=layout)
+
+    packed = triton_launch._pack_weight(torch.zeros(12, 8, 3, 3, device=DEVICE), (2, 3, 1, 0), dtype)
+    w1 = torch.zeros(12, 8, 1, 1, dtype=dtype, device=DEVICE)
+    off_16 = torch.zeros(1 + 2 * 5 * 6 * 8, dtype=dtype, device=DEVICE)[1:].view(2, 5, 6, 8).permute(0, 3, 1, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_launch, "FWD_TMA", None)
+        assert triton_launch._tma_forward(x_of(), packed, 1, 1) is False
+        assert triton_launch._tma_forward(x_of(), w1, 1, 0) is True
+        assert triton_launch._tma_forward(x_of(), w1.to(memory_format=torch.channels_last), 1, 0) is True
+        assert triton_launch._tma_forward(x_of(), packed, 2, 1) is None, "stride 2"
+        assert triton_launch._tma_forward(x_of(), packed, 1, 0) is None, "not same padding"
+        assert triton_launch._tma_forward(x_of(layout=torch.contiguous_format), packed, 1, 1) is None, "NCHW"
+        assert triton_launch._tma_forward(x_of(c=6), packed, 1, 1) is None, "24-byte rows"
+        assert triton_launch._tma_forward(x_of(), torch.zeros_like(packed.contiguous()), 1, 1) is None, "unpacked"
+        assert triton_launch._tma_forward(x_of(), w1.double(), 1, 0) is None, "weight dtype"
+        assert triton_launch._tma_forward(off_16, packed, 1, 1) is None, "address off 16 bytes"
+        assert triton_launch._tma_forward(x_of(c=16)[:, :8], packed, 1, 1) is False, "a channel slice: rows of 16"
+        patch.setattr(triton_launch, "FWD_TMA", False)
+        assert triton_launch._tma_forward(x_of(), packed, 1, 1) is None, "switched off"
+
+
 @pytest.mark.parametrize("ksize, stride", [(3, 1), (1, 1)])
 def test_forward_in_256_column_tiles(monkeypatch, ksize, stride):
     """The forward's 256-column tile (an autotuning candidate from 256
