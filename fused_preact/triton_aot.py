@@ -214,11 +214,16 @@ def _variants(kernel: str, dtype: str):
                            {**geometry, **common, **weight, "HAS_RESIDUAL": res, "EMIT_STATS": emit}, pointers)
             elif kernel == "conv_dgrad_kernel":  # stride 2 in parity classes (triton_launch.DGRAD_PARITY)
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight, "PARITY": s == 2}, pointers
+                fin = {"FINALIZE": True, "TRAINING": True, "BLOCK_T": L.TAIL_T_DGRAD}
                 if suffix == "" and (k, s) != (1, 2):  # with the BN-backward finalize in its last programs
-                    yield (f"{k}x{k}/s{s}+fin", {**geometry, **common, **weight, "PARITY": s == 2, "FINALIZE": True,
-                                                 "TRAINING": True, "BLOCK_T": L.TAIL_T_DGRAD}, pointers)
+                    yield f"{k}x{k}/s{s}+fin", {**geometry, **common, **weight, "PARITY": s == 2, **fin}, pointers
+                if s == 1 and (suffix == "" if k == 3 else suffix == ",w-cast"):  # through TMA descriptors
+                    yield f"{k}x{k}/s{s}{suffix},tma", {**geometry, **common, **weight}, pointers
+                    yield f"{k}x{k}/s{s}+fin{suffix},tma", {**geometry, **common, **weight, **fin}, pointers
             else:
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight}, pointers
+                if s == 1:  # x and gy through TMA descriptors (dense rows)
+                    yield f"{k}x{k}/s{s},tma", {**geometry, **common, **weight}, pointers
             if kernel == "conv_fwd_kernel" and s == 1 and (suffix == "" if k == 3 else suffix == ",w-cast"):
                 # read through TMA descriptors (sm_90; triton_launch._tma_forward):
                 # the weight packed [KH*KW*C, K], or 1x1 [K, C] cast to x's dtype
@@ -244,13 +249,14 @@ def _configs(kernel: str, all_configs: bool):
     seen, defaults = {}, set()
     for cols, red in itertools.product(counts, repeat=2):
         if kernel == "conv_wgrad_kernel":
-            configs = L._wgrad_configs(cols, red)
+            configs = L._wgrad_configs(cols, red, tma=True)
         else:  # every candidate: 3x3 (both loops, half-width tiles) and 1x1 (epilogue loads first),
             # the forward's 256-column tiles, the epilogue-heavy dgrads' forms
             wide = kernel == "conv_fwd_kernel"
-            configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide, tma=wide)
+            tma = "forward" if wide else "dgrad"
+            configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide, tma=tma)
                        + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True,
-                                         wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel", tma=wide))
+                                         wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel", tma=tma))
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, cfg.maxnreg)
             seen.setdefault(key, cfg)
@@ -302,8 +308,8 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True)
     the 1x1 stride-1 variants instead (with the residual, for the forward);
     the forward's 256-column tiles with both (1x1 with a short reduction
     reads the fp32 weight as it is);
-    the forward's TMA configs with its TMA variants (``,tma``), both only
-    where ``tma`` (sm_90);
+    the TMA configs of the forward and dgrad with their TMA variants
+    (``,tma``), both only where ``tma`` (sm_90);
     ``first_only``: the first config of each variant; ``all_configs``:
     every config with every variant."""
     jobs = []

@@ -578,7 +578,8 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       FLAT: tl.constexpr, PARITY: tl.constexpr = False, EPILOGUE_FIRST: tl.constexpr = False,
                       WIDE_INDEX: tl.constexpr = False, EVEN_K: tl.constexpr = False,
-                      FINALIZE: tl.constexpr = False, TRAINING: tl.constexpr = True, BLOCK_T: tl.constexpr = 16):
+                      FINALIZE: tl.constexpr = False, TRAINING: tl.constexpr = True, BLOCK_T: tl.constexpr = 16,
+                      TMA: tl.constexpr = False):
     """ga[n, h, w, c] = sum over taps and output channels of gy * W: rows =
     input pixels (M = N*H*W), columns = input channels C, reduction = taps x
     K. A tap reaches output pixel ((h + PAD - kh)/STRIDE, ...) when that is an
@@ -602,7 +603,14 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     FINALIZE: the last of the TILES programs of each column block (TILES:
     rows of the partial sums) to finish sums their partials and does
     bn_backward_finalize_kernel's work for its channels (into out, [4, C]);
-    without it counter_ptr and out_ptr are not read."""
+    without it counter_ptr and out_ptr are not read.
+    TMA (stride 1, "same" padding, gy with dense rows): gy and the weight
+    read through tensor descriptors, as conv_fwd_kernel's TMA: input pixel
+    m's output pixel through tap (kh, kw) is row m + (PAD - kh) * W + (PAD
+    - kw) of gy's [M, K] matrix, rows crossing a border zeroed in registers
+    (none for 1x1: its tiles go from shared memory to the MMA as loaded);
+    the weight packed [KH*KW*K, C] (C contiguous; a 1x1 one as nn.Conv2d's
+    [K, C]), in gy's dtype."""
     tl.assume(K > 0)  # the reduction runs (see conv_fwd_kernel)
     if PARITY:
         cls = tl.program_id(1)
@@ -665,6 +673,29 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
             acc = _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww,
                              (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K), offs_n, mask_n, K, sgc, swk, swc,
                              DOT_DTYPE, INPUT_PRECISION, WIDE_INDEX, EVEN_K)
+    elif TMA:
+        gy_desc = tl.make_tensor_descriptor(gy_ptr, [M, K], [sgw, 1], [BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, [KH * KW * K, C], [swk, 1], [BLOCK_K, BLOCK_N])
+        if KH * KW == 1:  # (the loop form that keeps ptxas's wgmmas pipelined: conv_fwd_kernel)
+            for k0 in range(0, K, BLOCK_K):
+                acc = tl.dot(gy_desc.load([pid_m * BLOCK_M, k0]), w_desc.load([k0, pid_n * BLOCK_N]), acc,
+                             input_precision=INPUT_PRECISION)
+        else:
+            chunks = tl.cdiv(K, BLOCK_K)
+            tl.assume(KH * KW * chunks > 0)
+            for it in range(0, KH * KW * chunks):
+                tap = it // chunks
+                kh = tap // KW
+                kw = tap - kh * KW
+                k0 = (it - tap * chunks) * BLOCK_K
+                th = h + PAD - kh
+                tw = w + PAD - kw
+                row_ok = mask_m & (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
+                g = gy_desc.load([pid_m * BLOCK_M + (PAD - kh) * W + (PAD - kw), k0])
+                g = tl.where(row_ok[:, None], g, 0.0)
+                # (K past the block: gy's tile is zero there, beyond the descriptor)
+                b = w_desc.load([tap * K + k0, pid_n * BLOCK_N])
+                acc = tl.dot(g, b, acc, input_precision=INPUT_PRECISION)
     elif FLAT:
         chunks = tl.cdiv(K, BLOCK_K)
         tl.assume(KH * KW * chunks > 0)
@@ -751,7 +782,7 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       CHANNEL_ROWS: tl.constexpr = False, WIDE_INDEX: tl.constexpr = False,
-                      DENSE_ROWS: tl.constexpr = False):
+                      DENSE_ROWS: tl.constexpr = False, TMA: tl.constexpr = False):
     """Split-K weight gradient: program (tap, K tile, C tile, split) computes
     gy[rows, K]^T a[rows, C] over its share of the M = N*OH*OW output pixels,
     with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
@@ -776,7 +807,13 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     the next step (no MMA overlaps the next tile's loads and activation);
     transposed, it keeps up to 3-7 of them in flight (triton_aot's
     ``wgmma_pending``). An autotuning candidate where the C tile is at least
-    64 (wgmma's rows)."""
+    64 (wgmma's rows).
+
+    TMA (stride 1, "same" padding, x and gy with dense rows): both read
+    through tensor descriptors as the [M, channels] matrices of their pixels,
+    x's rows for tap (kh, kw) shifted by (kh - PAD) * W + (kw - PAD) (as in
+    conv_fwd_kernel's TMA), the padding taps' rows zeroed after the
+    activation (a 1x1 has none; its rows past M meet gy's zero-filled ones)."""
     pid_tap = tl.program_id(0)
     pid_kc = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -797,11 +834,29 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if IS_FP64:
         acc = acc.to(tl.float64)
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, [M, C], [sxw, 1], [BLOCK_M, BLOCK_K])
+        g_desc = tl.make_tensor_descriptor(gy_ptr, [M, K], [sgw, 1], [BLOCK_M, BLOCK_N])
     for i in range(0, per_split):
         offs_m = (pid_s * per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         rows = _idx(offs_m, WIDE_INDEX)
-        if DENSE_ROWS and KH * KW == 1 and STRIDE == 1:
+        if TMA:
+            m0 = (pid_s * per_split + i) * BLOCK_M
+            if KH * KW == 1:
+                row_ok = mask_m
+            else:
+                n = _fast_div(offs_m, ohw_mul, ohw_shr)
+                rem = offs_m - n * (OH * OW)
+                oh = _fast_div(rem, ow_mul, ow_shr)
+                ow = rem - oh * OW
+                ih = oh - PAD + kh
+                iw = ow - PAD + kw
+                row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            g = g_desc.load([m0, pid_k * BLOCK_N])
+            a = _activate(x_desc.load([m0 + (kh - PAD) * W + (kw - PAD), pid_c * BLOCK_K]), scale_ptr, shift_ptr,
+                          row_ok, offs_c, C, DOT_DTYPE, IS_FP64, False)
+        elif DENSE_ROWS and KH * KW == 1 and STRIDE == 1:
             # pixel m is row m of both x and gy: no (n, oh, ow) at all
             g_rows = rows * sgw
             row_ok = mask_m
@@ -820,10 +875,11 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
             iw = ow * STRIDE - PAD + kw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             row_base = n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX)
-        g = tl.load(gy_ptr + g_rows[:, None] + _idx(offs_k, WIDE_INDEX)[None, :] * sgc,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64,
-                            WIDE_INDEX, False)
+        if not TMA:
+            g = tl.load(gy_ptr + g_rows[:, None] + _idx(offs_k, WIDE_INDEX)[None, :] * sgc,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64,
+                                WIDE_INDEX, False)
         if CHANNEL_ROWS:
             acc = tl.dot(tl.trans(a), g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         else:

@@ -154,7 +154,7 @@ def _forms(offered: bool, forced: Optional[bool]) -> tuple[bool, ...]:
 def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, taps: int = 1,
                   flat: Optional[bool] = None, small_grid: bool = False, epilogue_tile: bool = False,
                   epilogue_first: Optional[bool] = None, wide: bool = False,
-                  wide_only: bool = False, epilogue_heavy: bool = False, tma: bool = False,
+                  wide_only: bool = False, epilogue_heavy: bool = False, tma: str = "",
                   tma_only: bool = False) -> list[triton.Config]:
     """Forward/dgrad: the tile spans the output channels (up to 128); eight
     warps for wide tiles, where the transformed A tile and the accumulator
@@ -189,10 +189,10 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     the H200 it picked the wide tile for every stage-3 forward, 1.4x faster;
     Nsight Compute then found the large forwards latency-bound: session 8).
     ``wide_only`` keeps only that tile (FWD_WIDE_TILE).
-    ``tma`` (a forward the tensor-memory accelerator can read: ``_tma_forward``)
-    adds the first config and the 256-column one with x and the weight read
-    through tensor descriptors (conv_fwd_kernel's TMA); ``tma_only`` keeps
-    only those (FWD_TMA).
+    ``tma`` ("forward" or "dgrad": one the tensor-memory accelerator can
+    read, ``_tma_forward``, ``_tma_dgrad``) adds a few configs with the data
+    and the weight read through tensor descriptors (the kernels' TMA);
+    ``tma_only`` keeps only those (FWD_TMA, DGRAD_TMA).
     ``epilogue_heavy`` (a dgrad whose epilogue -- x's tile in, gz's out,
     two column sums -- is long beside its reduction: 1x1 or stride 2 in
     parity classes, at most 512 output channels) adds the half-width tile
@@ -271,12 +271,16 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         # 128x64x64 122 (75 KB), for grids too small to fill the GPU (ResNet-
         # v2-50's fourth stage: 100 programs of 128x128 for 132 SMs); and the
         # 256-column tile, 254 (one program an SM). The pointer forms' 3x3
-        # 128x128x64 takes 230: one program an SM, which Nsight Compute found
-        # latency-bound (session 8).
+        # 128x128x64 takes 162-246 (the unrolled loop the most): one program
+        # an SM, which Nsight Compute found latency-bound (session 8). The
+        # dgrad's 128x128 tiles take 226-239 registers either way (its
+        # epilogue: x's tile, gz, two column sums; 400+ bytes spilled at 128,
+        # so no limit), its half-width ones 123-136.
         first = configs[0]
         bn, bk, warps = first.kwargs["BLOCK_N"], first.kwargs["BLOCK_K"], first.num_warps
-        # (maxnreg only for 3x3: the 1x1 forms spill 16 bytes at 128 with triton 3.8)
-        tma_shapes = [(bn, bk, warps, 3, 128 if warps == 8 and bn >= 128 and taps > 1 else None)]
+        # (maxnreg only for the 3x3 forward: the 1x1 one spills 16 bytes at 128 with triton 3.8)
+        limit = 128 if tma == "forward" and warps == 8 and bn >= 128 and taps > 1 else None
+        tma_shapes = [(bn, bk, warps, 3, limit)]
         if bk == 64:
             tma_shapes.append((bn, 32, warps, 4, None))
         if small_grid and bn >= 32:
@@ -300,7 +304,8 @@ def _small_grid(row_tiles: int, cols: int) -> bool:
     return row_tiles * _cdiv(cols, _pow2(cols, 16, 128)) < FILL_PROGRAMS
 
 
-def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bool] = None) -> list[triton.Config]:
+def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bool] = None, tma: bool = False,
+                   tma_only: bool = False) -> list[triton.Config]:
     """Weight-gradient tiles: K up to 128 by C up to 64, 64 or 128 rows a
     step. Where the C tile is 64 (wgmma's rows) each also comes transposed
     (CHANNEL_ROWS, see conv_wgrad_kernel: the activation as the register
@@ -308,7 +313,10 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
     transposed one with 128-channel tiles (gy read once per 128 channels
     instead of 64; half the programs), after the plain ones, so
     FUSED_PREACT_TRITON_AUTOTUNE=0 keeps the plain order; ``channel_rows``
-    True/False keeps only that order (WGRAD_CHANNEL_ROWS)."""
+    True/False keeps only that order (WGRAD_CHANNEL_ROWS). ``tma`` (x and
+    gy readable through TMA descriptors: ``_tma_wgrad``) adds the configs of
+    the preferred order (transposed where offered) with the TMA form;
+    ``tma_only`` keeps only those (WGRAD_TMA)."""
     if fp64:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
                                "CHANNEL_ROWS": bool(channel_rows)}, num_warps=4, num_stages=2)]
@@ -320,6 +328,14 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
     if True in orders and c >= 128:  # transposed, 128 channels a tile: wgmma's 64 rows twice over
         configs.append(triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": 128, "CHANNEL_ROWS": True},
                                      num_warps=8, num_stages=3))
+    if tma:
+        preferred = orders[-1]
+        tma_configs = [triton.Config({**cfg.kwargs, "TMA": True}, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages)
+                       for cfg in configs if cfg.kwargs["CHANNEL_ROWS"] == preferred]
+        if tma_only:
+            return tma_configs
+        configs += tma_configs
     return configs[:1] if not AUTOTUNE else configs
 
 
@@ -368,6 +384,12 @@ FWD_WIDE_TILE: Optional[bool] = None
 # only that form where it is allowed (also under the interpreter, any
 # dtype: the tests), False = never (env FUSED_PREACT_FWD_TMA=0).
 FWD_TMA: Optional[bool] = False if os.environ.get("FUSED_PREACT_FWD_TMA") == "0" else None
+# Likewise the dgrad reading grad_y and the weight (conv_dgrad_kernel's TMA,
+# where ``_tma_dgrad`` allows; env FUSED_PREACT_DGRAD_TMA=0: never).
+DGRAD_TMA: Optional[bool] = False if os.environ.get("FUSED_PREACT_DGRAD_TMA") == "0" else None
+# And the weight gradient reading x and grad_y (conv_wgrad_kernel's TMA,
+# where ``_tma_wgrad`` allows; env FUSED_PREACT_WGRAD_TMA=0: never).
+WGRAD_TMA: Optional[bool] = False if os.environ.get("FUSED_PREACT_WGRAD_TMA") == "0" else None
 # Splits of the weight-gradient reduction over rows: None = enough programs
 # to fill a GPU (one under the interpreter); a number forces it (tests).
 WGRAD_SPLIT: Optional[int] = None
@@ -860,22 +882,57 @@ def _tma_forward(x: Tensor, w_gemm: Tensor, stride: int, padding: int) -> Option
     elements, and the weight in x's dtype, packed [KH, KW, C, K] (K
     innermost) or 1x1 as nn.Conv2d's [K, C] (C innermost). On a GPU: compute
     capability 9+ (the TMA) and 16-bit inputs, unless FWD_TMA forces it."""
-    if FWD_TMA is False:
+    if FWD_TMA is False or not _tma_weight_ok(x, w_gemm) or not _tma_pixels(x, w_gemm.shape, stride, padding,
+                                                                             FWD_TMA):
         return None
     k_out, c, kh, kw = w_gemm.shape
-    esize = x.element_size()
-    if (stride != 1 or kh != kw or kh != 2 * padding + 1 or x.stride(1) != 1 or not _dense_rows(x)
-            or x.stride(3) < c or (x.stride(3) * esize) % 16 or x.data_ptr() % 16 or w_gemm.data_ptr() % 16
-            or w_gemm.dtype != x.dtype):
-        return None
-    if not INTERPRET and not (x.is_cuda and (FWD_TMA or esize == 2) and _has_tma(x.device.index)):
-        return None  # (CPU tensors outside the interpreter: benchmarks/host_overhead.py's null driver)
     sk, sc, sh, sw = w_gemm.stride()
-    if sk == 1 and sc == k_out and sw == c * k_out and sh == kw * sw and (k_out * esize) % 16 == 0:
+    if sk == 1 and sc == k_out and sw == c * k_out and sh == kw * sw and (k_out * x.element_size()) % 16 == 0:
         return False  # packed: rows (kh, kw, c) of K weights
-    if kh * kw == 1 and sc == 1 and sk >= c and (sk * esize) % 16 == 0:
+    if kh * kw == 1 and sc == 1 and sk >= c and (sk * x.element_size()) % 16 == 0:
         return True  # [K, C]
     return None
+
+
+def _tma_dgrad(grad_y: Tensor, w_gemm: Tensor, stride: int, padding: int) -> bool:
+    """Whether conv_dgrad_kernel may read grad_y and ``w_gemm`` through TMA
+    descriptors (its TMA form): as ``_tma_forward``, with grad_y's pixel
+    rows, and the weight packed [KH, KW, K, C] (C innermost; 1x1: nn.Conv2d's
+    [K, C])."""
+    if DGRAD_TMA is False or not _tma_weight_ok(grad_y, w_gemm) or not _tma_pixels(grad_y, w_gemm.shape, stride,
+                                                                                    padding, DGRAD_TMA):
+        return False
+    k_out, c, kh, kw = w_gemm.shape
+    sk, sc, sh, sw = w_gemm.stride()
+    rows = sc == 1 and sk >= c and (sk * grad_y.element_size()) % 16 == 0
+    return rows and (kh * kw == 1 or (sk == c and sw == k_out * c and sh == kw * sw))
+
+
+def _tma_wgrad(x: Tensor, grad_y: Tensor, weight_shape: tuple, stride: int, padding: int) -> bool:
+    """Whether conv_wgrad_kernel may read x and grad_y through TMA
+    descriptors (its TMA form), as ``_tma_forward`` reads x."""
+    return (WGRAD_TMA is not False and grad_y.dtype == x.dtype
+            and _tma_pixels(x, weight_shape, stride, padding, WGRAD_TMA)
+            and _tma_pixels(grad_y, weight_shape, stride, padding, WGRAD_TMA))
+
+
+def _tma_weight_ok(a: Tensor, w_gemm: Tensor) -> bool:
+    return w_gemm.data_ptr() % 16 == 0 and w_gemm.dtype == a.dtype
+
+
+def _tma_pixels(a: Tensor, weight_shape: tuple, stride: int, padding: int, forced: Optional[bool]) -> bool:
+    """Whether a GEMM may read ``a`` (x, or grad_y) through a TMA descriptor
+    as the [N*H*W, channels] matrix of its pixels: a stride-1 conv with
+    "same" padding, ``a`` with dense rows, 16-byte aligned address and row
+    stride; on a GPU of compute capability 9+ with 16-bit data (``forced``:
+    any dtype)."""
+    kh, kw = weight_shape[2:]
+    esize = a.element_size()
+    if (stride != 1 or kh != kw or kh != 2 * padding + 1 or a.stride(1) != 1 or not _dense_rows(a)
+            or a.stride(3) < a.shape[1] or (a.stride(3) * esize) % 16 or a.data_ptr() % 16):
+        return False
+    # (CPU tensors outside the interpreter: benchmarks/host_overhead.py's null driver)
+    return INTERPRET or (a.is_cuda and (bool(forced) or esize == 2) and _has_tma(a.device.index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -925,8 +982,8 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
         tma = w_kc is not None
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
                                                _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
-                                               EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE), False, tma,
-                                               tma and bool(FWD_TMA)),
+                                               EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE), False,
+                                               "forward" if tma else "", tma and bool(FWD_TMA)),
                      {"BLOCK_M": rows, "BLOCK_N": 256 if FWD_WIDE_TILE else _pow2(k_out, 16, 32),
                       "BLOCK_K": _pow2(c, 16, 16), "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1,
                       "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(FWD_TMA)},
@@ -975,6 +1032,9 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         out = torch.empty((4, c), device=x.device, dtype=sdt)  # grad_gamma, grad_beta, k1, k0
         if m > 0:
             w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype, tiles, k_out)  # 3x3: packed [KH, KW, K, C]
+            tma = _tma_dgrad(grad_y, w_gemm, stride, padding)
+            if tma and not INTERPRET:
+                triton.set_allocator(_tma_allocator)  # (see conv_forward)
             grid = lambda meta: (row_tiles * _cdiv(c, meta["BLOCK_N"]), 4 if parity else 1)  # noqa: E731
             # (The parity path has one loop form: no flat-loop candidates.)
             heavy = (kh * kw == 1 or parity) and k_out <= 512  # (see _gemm_configs)
@@ -984,10 +1044,11 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
             counters = None if sync else _tail_counters(x.device, tiles, _pow2(c, 16, 128), _cdiv(c, 16))
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, 1 if parity else kh * kw,
                                                      FLAT_LOOP, _small_grid(tiles, c), kh * kw == 1,
-                                                     EPILOGUE_FIRST_LOAD, False, False, heavy),
+                                                     EPILOGUE_FIRST_LOAD, False, False, heavy,
+                                                     "dgrad" if tma else "", tma and bool(DGRAD_TMA)),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
                           "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity,
-                          "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD)},
+                          "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(DGRAD_TMA)},
                          grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
                          counters if counters is not None else out, out,
                          m, c, k_out, h, w, oh, ow, tiles, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
@@ -1027,9 +1088,13 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         if m > 0:
             grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
                                  split)
-            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64, WGRAD_CHANNEL_ROWS),
+            tma = _tma_wgrad(x, grad_y, weight.shape, stride, padding)
+            if tma and not INTERPRET:
+                triton.set_allocator(_tma_allocator)  # (see conv_forward)
+            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64, WGRAD_CHANNEL_ROWS, tma,
+                                                     tma and bool(WGRAD_TMA)),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
-                          "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS)},
+                          "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS), "TMA": tma and bool(WGRAD_TMA)},
                          x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
                          *fast_divisor(oh * ow), *fast_divisor(ow),
                          *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,

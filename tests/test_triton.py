@@ -501,12 +501,12 @@ def test_offset_width_follows_the_largest_offset():
     assert not triton_launch._wide_index(torch.empty_strided((3, 4, 5, 6), (1 << 28, 1, 24, 4), device="meta"))
 
 
-def _record_forward_constexprs(monkeypatch) -> list:
-    """The constexprs of every conv_fwd_kernel launch from here on."""
+def _record_constexprs(monkeypatch, kernel: str) -> list:
+    """The constexprs and config key of every launch of ``kernel`` from here on."""
     seen, launch = [], triton_launch._launch
 
     def spy(kernel_name, grid, args, kwargs, config_key=None):
-        if kernel_name == "conv_fwd_kernel":
+        if kernel_name == kernel:
             seen.append((dict(kwargs), config_key))
         return launch(kernel_name, grid, args, kwargs, config_key)
 
@@ -519,20 +519,28 @@ def _record_forward_constexprs(monkeypatch) -> list:
 @pytest.mark.parametrize("shape, beta_offset", [((2, 8, 5, 7, 16), 1.0), ((1, 40, 6, 5, 40), 1.0),
                                                 ((3, 8, 1, 6, 8), 1.0), ((2, 8, 4, 4, 8), 30.0)],
                          ids=["odd", "chunks", "one-row", "large-beta"])
-def test_forward_through_tma_descriptors(monkeypatch, shape, beta_offset, ksize, residual):
-    """The forward reading x and the weight through tensor descriptors
-    (conv_fwd_kernel's TMA; FWD_TMA forces it, also under the interpreter):
-    a tap's rows are x's pixel rows shifted by a constant, and the rows that
-    cross an image's border, or leave the tensor, must come out zero after
-    the activation: with beta + 30 a leaked relu(shift) or neighbour pixel
-    would be large. Odd sizes, several channel chunks with C not a multiple
-    of the block, N = 1 with one row, residual and all gradients against the
-    reference; the 3x3 weight packed (TMA reads [KH*KW*C, K]), the 1x1 one
-    as nn.Conv2d's [K, C] (W_KC). Channel counts that make 16-byte rows in
-    bf16 too: on a GPU also in bf16, by the ratio rule of DESIGN.md §5."""
-    monkeypatch.setattr(triton_launch, "FWD_TMA", True)
+@pytest.mark.parametrize("kernel", ["conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"],
+                         ids=["forward", "dgrad", "wgrad"])
+def test_gemms_through_tma_descriptors(monkeypatch, kernel, shape, beta_offset, ksize, residual):
+    """The forward reading x, the dgrad reading grad_y, with the weight, and
+    the weight gradient reading x and grad_y, through tensor descriptors (the
+    kernels' TMA; FWD_TMA/DGRAD_TMA/WGRAD_TMA force it, also under the
+    interpreter): a tap's rows are the pixel rows shifted by a constant, and
+    the rows that cross an image's border, or leave the tensor, must count as
+    zero (after the activation: with beta + 30 a leaked relu(shift) or
+    neighbour pixel would be large). Odd
+    sizes, several channel chunks with channels not a multiple of the
+    block, N = 1 with one row, residual and all gradients against the
+    reference; the 3x3 weight packed (TMA reads [KH*KW*C, K] in the forward,
+    [KH*KW*K, C] in the dgrad), the 1x1 one as nn.Conv2d's [K, C] (the
+    forward's W_KC). Channel counts that make 16-byte rows in bf16 too: on a
+    GPU also in bf16, by the ratio rule of DESIGN.md §5."""
+    switch = {"conv_fwd_kernel": "FWD_TMA", "conv_dgrad_kernel": "DGRAD_TMA", "conv_wgrad_kernel": "WGRAD_TMA"}
+    monkeypatch.setattr(triton_launch, switch[kernel], True)
+    if kernel == "conv_wgrad_kernel":
+        monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", 2)  # (a split boundary inside the rows)
     monkeypatch.setattr(triton_launch, "SMALL_WEIGHT_READS", 0)
-    seen = _record_forward_constexprs(monkeypatch)
+    seen = _record_constexprs(monkeypatch, kernel)
     if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("no TMA before compute capability 9")
     n, c, h, w, k = shape
@@ -544,11 +552,12 @@ def test_forward_through_tma_descriptors(monkeypatch, shape, beta_offset, ksize,
         _check_ratio_rule(inp, 1, pad)
     assert seen, "the forward ran"
     for kwargs, config_key in seen:
-        assert kwargs["W_KC"] == (ksize == 1)
+        if kernel == "conv_fwd_kernel":
+            assert kwargs["W_KC"] == (ksize == 1)
         if triton_launch.INTERPRET:
             assert kwargs["TMA"]
         else:
-            assert config_key[-2:] == (True, True), "TMA candidates only"
+            assert config_key[-2] and config_key[-1], "TMA candidates only"
 
 
 def test_forward_tma_only_where_descriptors_can_read():
