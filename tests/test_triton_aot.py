@@ -68,6 +68,12 @@ def test_mainloop_count_finds_the_mma_loop():
     assert _mainloop_of_sass(sass) == (4, 1)
     assert _mainloop_of_sass(sass.replace("HGMMA.64x128x16.F32.BF16", "HMMA.16816.F32.BF16")) == (4, 1)
     assert _mainloop_of_sass(sass.replace("HGMMA.64x128x16.F32.BF16", "FMUL")) == (-1, -1)
+    # An mbarrier wait's retry block after the exit, branching back into the
+    # loop (the TMA kernels): a larger "loop" holding the MMA and the EXIT, not it.
+    retry = lines + ["SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2", "@!P0 BRA 0x00c0", "BRA 0x0020"]
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {text} ;   /* 0x000fe20000000f00 */"
+                     for i, text in enumerate(retry))
+    assert _mainloop_of_sass(sass) == (4, 1)
 
 
 def test_serialized_mode_still_fails_on_compile_failures():
