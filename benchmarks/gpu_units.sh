@@ -33,7 +33,10 @@ step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.t
 # processes (Triton's on-disk cache) while the GPU tests run on 4.
 BENCH=($PY -m fused_preact.bench --device cuda --suite units --units "${MODELS// /,}" --dtype bfloat16
        --providers eager_cl,triton --no-progress)
-# (Session 8's run 2 compiled for 137 s; the small-grid candidates added after it compile more.)
+# (Session 8's run 2 compiled for 137 s; the small-grid candidates added after it, and session 10's
+# TMA candidates, 2-4 more per stride-1 GEMM shape, compile more: if this limit cuts the compile,
+# the kernel_times steps compile the rest themselves and may run out of time: TAILS_SIDE_BY_SIDE=0
+# then gives them 60 s.)
 echo "=== compile in the background (limit 300s, at +$(($(date +%s) - T0))s)" | tee -a "$LOG"
 timeout --kill-after=5 300 "${BENCH[@]}" --out "$OUT/warm" --warm-workers 10 --warm-only > "$OUT/warm.log" 2>&1 &
 WARM=$!

@@ -180,7 +180,8 @@ def _variants(kernel: str, dtype: str):
     and a larger one packed in the data dtype (K contiguous for the forward,
     C for dgrad: ``triton_launch._gemm_weight``), and a 1x1 one cast to the
     data dtype where the reduction is long (``,w-cast``); the stride-2 dgrad
-    works in parity classes (PARITY)."""
+    works in parity classes (PARITY); with 16-bit data the stride-1 GEMMs
+    also read through TMA descriptors (``,tma``: their TMA configs only)."""
     import triton.language as tl
 
     from . import triton_launch as L
@@ -190,6 +191,7 @@ def _variants(kernel: str, dtype: str):
     common = {"IS_FP64": dtype == "fp64", "DOT_DTYPE": dot, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
               "WIDE_INDEX": False}
     param = "fp64" if dtype == "fp64" else "fp32"
+    tma = dtype in ("fp16", "bf16")  # the TMA forms are offered for 16-bit data (triton_launch._tma_pixels)
     # The model channel counts are multiples of the reduction block (no
     # channel masks: EVEN_C/EVEN_K) and a channels_last model's x and gy have
     # dense rows (DENSE_ROWS); ",general" variants build the other form.
@@ -217,14 +219,14 @@ def _variants(kernel: str, dtype: str):
                 fin = {"FINALIZE": True, "TRAINING": True, "BLOCK_T": L.TAIL_T_DGRAD}
                 if suffix == "" and (k, s) != (1, 2):  # with the BN-backward finalize in its last programs
                     yield f"{k}x{k}/s{s}+fin", {**geometry, **common, **weight, "PARITY": s == 2, **fin}, pointers
-                if s == 1 and (suffix == "" if k == 3 else suffix == ",w-cast"):  # through TMA descriptors
+                if tma and s == 1 and (suffix == "" if k == 3 else suffix == ",w-cast"):  # through TMA descriptors
                     yield f"{k}x{k}/s{s}{suffix},tma", {**geometry, **common, **weight}, pointers
                     yield f"{k}x{k}/s{s}+fin{suffix},tma", {**geometry, **common, **weight, **fin}, pointers
             else:
                 yield f"{k}x{k}/s{s}{suffix}", {**geometry, **common, **weight}, pointers
-                if s == 1:  # x and gy through TMA descriptors (dense rows)
+                if tma and s == 1:  # x and gy through TMA descriptors (dense rows)
                     yield f"{k}x{k}/s{s},tma", {**geometry, **common, **weight}, pointers
-            if kernel == "conv_fwd_kernel" and s == 1 and (suffix == "" if k == 3 else suffix == ",w-cast"):
+            if kernel == "conv_fwd_kernel" and tma and s == 1 and (suffix == "" if k == 3 else suffix == ",w-cast"):
                 # read through TMA descriptors (sm_90; triton_launch._tma_forward):
                 # the weight packed [KH*KW*C, K], or 1x1 [K, C] cast to x's dtype
                 for res, emit in ((False, False), (True, True)):

@@ -290,7 +290,7 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
                                       "EPILOGUE_FIRST": False, "TMA": True},
                                      num_warps=w, num_stages=s, maxnreg=r) for n, k, w, s, r in tma_shapes]
         if tma_only:
-            return tma_configs
+            return tma_configs[:1] if not AUTOTUNE else tma_configs
         configs += tma_configs
     return configs[:1] if not AUTOTUNE else configs
 
@@ -334,7 +334,7 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
                                      num_stages=cfg.num_stages)
                        for cfg in configs if cfg.kwargs["CHANNEL_ROWS"] == preferred]
         if tma_only:
-            return tma_configs
+            return tma_configs[:1] if not AUTOTUNE else tma_configs
         configs += tma_configs
     return configs[:1] if not AUTOTUNE else configs
 
