@@ -331,10 +331,15 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True)
                 for j, (cfg, default) in enumerate(configs):
                     first = cfg.kwargs.get("EPILOGUE_FIRST", False)
                     if variant.endswith(",tma") or cfg.kwargs.get("TMA"):
-                        # every TMA config with the TMA variants (the register
-                        # limit is for the 3x3 ones: triton_launch._gemm_configs)
+                        # every TMA config with the TMA variants, the forward's
+                        # with its epilogue's residual and statistics only (the
+                        # plain ones with the first); the register limit is
+                        # for the 3x3 ones (triton_launch._gemm_configs)
+                        plain_fwd = kernel == "conv_fwd_kernel" and "+res" not in variant
                         take = (tma and variant.endswith(",tma") and bool(cfg.kwargs.get("TMA"))
-                                and not (variant.startswith("1x1") and cfg.maxnreg))
+                                and not (variant.startswith("1x1") and cfg.maxnreg)
+                                and (all_configs or not plain_fwd
+                                     or cfg is next(c for c, _ in configs if c.kwargs.get("TMA"))))
                     elif cfg.kwargs["BLOCK_N"] == 256:  # forward only: flat 3x3, 1x1, with launchable variants
                         take = (cfg.kwargs["FLAT"] == variant.startswith("3x3")
                                 and (all_configs or (not first_only and (short or heaviest))))
