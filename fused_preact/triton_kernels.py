@@ -378,9 +378,17 @@ def _flat_tap(it, chunks, KW: tl.constexpr, BLOCK_K: tl.constexpr):
     sm_90, triton 3.6. In the stride-1 dgrad _small_div saved 12 of 195 and
     the 16-channel flat dgrad then measured 2.2x slower in the autotuner's
     trials on the H200, session 8, cause not found: both keep the division.)"""
+    kh, kw, c0 = _flat_step(it, chunks, KW, BLOCK_K)
+    return kh, kw, c0 + tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def _flat_step(it, chunks, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(kh, kw, first channel of the chunk) of iteration ``it`` of a flat
+    loop over taps x chunks of BLOCK_K channels."""
     tap = it // chunks
     kh = tap // KW
-    return kh, tap - kh * KW, (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return kh, tap - kh * KW, (it - tap * chunks) * BLOCK_K
 
 
 @triton.jit
@@ -506,11 +514,10 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
             chunks = tl.cdiv(C, BLOCK_K)
             tl.assume(KH * KW * chunks > 0)
             for it in range(0, KH * KW * chunks):
-                tap = it // chunks
-                kh = tap // KW
-                acc = _fwd_tma_mma(acc, x_desc, w_desc, scale_ptr, shift_ptr, mask_m, oh, ow, kh, tap - kh * KW,
-                                   (it - tap * chunks) * BLOCK_K, pid_m * BLOCK_M, pid_n * BLOCK_N, C, H, W, PAD,
-                                   KW, BLOCK_K, W_KC, DOT_DTYPE, IS_FP64, INPUT_PRECISION, EVEN_C)
+                kh, kw, c0 = _flat_step(it, chunks, KW, BLOCK_K)
+                acc = _fwd_tma_mma(acc, x_desc, w_desc, scale_ptr, shift_ptr, mask_m, oh, ow, kh, kw, c0,
+                                   pid_m * BLOCK_M, pid_n * BLOCK_N, C, H, W, PAD, KW, BLOCK_K, W_KC, DOT_DTYPE,
+                                   IS_FP64, INPUT_PRECISION, EVEN_C)
     elif FLAT:
         chunks = tl.cdiv(C, BLOCK_K)
         tl.assume(KH * KW * chunks > 0)
@@ -684,17 +691,14 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
             chunks = tl.cdiv(K, BLOCK_K)
             tl.assume(KH * KW * chunks > 0)
             for it in range(0, KH * KW * chunks):
-                tap = it // chunks
-                kh = tap // KW
-                kw = tap - kh * KW
-                k0 = (it - tap * chunks) * BLOCK_K
+                kh, kw, k0 = _flat_step(it, chunks, KW, BLOCK_K)
                 th = h + PAD - kh
                 tw = w + PAD - kw
                 row_ok = mask_m & (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
                 g = gy_desc.load([pid_m * BLOCK_M + (PAD - kh) * W + (PAD - kw), k0])
                 g = tl.where(row_ok[:, None], g, 0.0)
                 # (K past the block: gy's tile is zero there, beyond the descriptor)
-                b = w_desc.load([tap * K + k0, pid_n * BLOCK_N])
+                b = w_desc.load([(kh * KW + kw) * K + k0, pid_n * BLOCK_N])
                 acc = tl.dot(g, b, acc, input_precision=INPUT_PRECISION)
     elif FLAT:
         chunks = tl.cdiv(K, BLOCK_K)
