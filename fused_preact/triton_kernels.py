@@ -467,9 +467,10 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
     the tensor, which the TMA fills with zeros) are padding taps, zeroed
     after the activation by the same row mask as the pointer loads. No
     per-element address arithmetic or masks, and the copies run
-    asynchronously in the pipeline's stages: on sm_90 the flat 3x3 128x128x64
-    tile takes 128 registers with triton 3.6 (two programs an SM) where the
-    pointer form takes 230 (triton_aot). The weight: packed [KH*KW*C, K]
+    asynchronously in the pipeline's stages: on sm_90 the 3x3 128x128x64
+    tile takes 128 registers with triton 3.6 (maxnreg, no spills: two
+    programs an SM) where the pointer forms take 164 (flat) to 246
+    (unrolled; triton_aot). The weight: packed [KH*KW*C, K]
     (K contiguous), or a 1x1 one as [K, C] (W_KC, C contiguous, nn.Conv2d's
     layout), in x's dtype."""
     pid_m, pid_n = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
@@ -697,7 +698,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                 row_ok = mask_m & (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
                 g = gy_desc.load([pid_m * BLOCK_M + (PAD - kh) * W + (PAD - kw), k0])
                 g = tl.where(row_ok[:, None], g, 0.0)
-                # (K past the block: gy's tile is zero there, beyond the descriptor)
+                # (channels past K: gy's tile is zero there, beyond the descriptor)
                 b = w_desc.load([(kh * KW + kw) * K + k0, pid_n * BLOCK_N])
                 acc = tl.dot(g, b, acc, input_precision=INPUT_PRECISION)
     elif FLAT:
