@@ -846,22 +846,8 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
         offs_m = (pid_s * per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         rows = _idx(offs_m, WIDE_INDEX)
-        if TMA:
-            m0 = (pid_s * per_split + i) * BLOCK_M
-            if KH * KW == 1:
-                row_ok = mask_m
-            else:
-                n = _fast_div(offs_m, ohw_mul, ohw_shr)
-                rem = offs_m - n * (OH * OW)
-                oh = _fast_div(rem, ow_mul, ow_shr)
-                ow = rem - oh * OW
-                ih = oh - PAD + kh
-                iw = ow - PAD + kw
-                row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            g = g_desc.load([m0, pid_k * BLOCK_N])
-            a = _activate(x_desc.load([m0 + (kh - PAD) * W + (kw - PAD), pid_c * BLOCK_K]), scale_ptr, shift_ptr,
-                          row_ok, offs_c, C, DOT_DTYPE, IS_FP64, False)
-        elif DENSE_ROWS and KH * KW == 1 and STRIDE == 1:
+        # (TMA implies DENSE_ROWS; its loads use only row_ok of what follows)
+        if DENSE_ROWS and KH * KW == 1 and STRIDE == 1:
             # pixel m is row m of both x and gy: no (n, oh, ow) at all
             g_rows = rows * sgw
             row_ok = mask_m
@@ -880,7 +866,12 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
             iw = ow * STRIDE - PAD + kw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             row_base = n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX)
-        if not TMA:
+        if TMA:
+            m0 = (pid_s * per_split + i) * BLOCK_M
+            g = g_desc.load([m0, pid_k * BLOCK_N])
+            a = _activate(x_desc.load([m0 + (kh - PAD) * W + (kw - PAD), pid_c * BLOCK_K]), scale_ptr, shift_ptr,
+                          row_ok, offs_c, C, DOT_DTYPE, IS_FP64, False)
+        else:
             g = tl.load(gy_ptr + g_rows[:, None] + _idx(offs_k, WIDE_INDEX)[None, :] * sgc,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64,

@@ -931,8 +931,17 @@ def _tma_pixels(a: Tensor, weight_shape: tuple, stride: int, padding: int, force
     if (stride != 1 or kh != kw or kh != 2 * padding + 1 or a.stride(1) != 1 or not _dense_rows(a)
             or a.stride(3) < a.shape[1] or (a.stride(3) * esize) % 16 or a.data_ptr() % 16):
         return False
+    if INTERPRET:
+        return True
     # (CPU tensors outside the interpreter: benchmarks/host_overhead.py's null driver)
-    return INTERPRET or (a.is_cuda and (bool(forced) or esize == 2) and _has_tma(a.device.index))
+    if not (a.is_cuda and (bool(forced) or esize == 2) and _has_tma(a.device.index)):
+        return False
+    # A TMA form may launch: the kernels build their descriptors on the
+    # device, in scratch memory Triton asks for at each launch from the
+    # allocator in a context variable, so set here, in the launching thread
+    # (autograd's, for a recomputing checkpoint).
+    triton.set_allocator(_tma_allocator)
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -968,10 +977,6 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     if m > 0:
         w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype, tiles, c)  # 3x3: packed [KH, KW, C, K]
         w_kc = _tma_forward(x, w_gemm, stride, padding)
-        if w_kc is not None and not INTERPRET:
-            # Triton keeps the allocator in a context variable: set here, in
-            # the thread (autograd's, for a recomputing checkpoint) that launches.
-            triton.set_allocator(_tma_allocator)
         res = residual if residual is not None else y
         grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
         # 256-column tiles: with 16-bit inputs (three stages of fp32 tiles
@@ -1033,8 +1038,6 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         if m > 0:
             w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype, tiles, k_out)  # 3x3: packed [KH, KW, K, C]
             tma = _tma_dgrad(grad_y, w_gemm, stride, padding)
-            if tma and not INTERPRET:
-                triton.set_allocator(_tma_allocator)  # (see conv_forward)
             grid = lambda meta: (row_tiles * _cdiv(c, meta["BLOCK_N"]), 4 if parity else 1)  # noqa: E731
             # (The parity path has one loop form: no flat-loop candidates.)
             heavy = (kh * kw == 1 or parity) and k_out <= 512  # (see _gemm_configs)
@@ -1089,8 +1092,6 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
             grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
                                  split)
             tma = _tma_wgrad(x, grad_y, weight.shape, stride, padding)
-            if tma and not INTERPRET:
-                triton.set_allocator(_tma_allocator)  # (see conv_forward)
             _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64, WGRAD_CHANNEL_ROWS, tma,
                                                      tma and bool(WGRAD_TMA)),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
