@@ -293,8 +293,10 @@ def _small_kernels(dtype: str):
                f"{'' if batch else ',eval'}{',update,count' if update else ''}",
                {"FROM_PARTIALS": partials, "BATCH_STATS": batch, "UPDATE_RUNNING": update, "HAS_GAMMA": True,
                 "HAS_BETA": True, "COUNT_BATCH": update, **merge, "IS_FP64": fp64}, 4)
-    for block_s in (2, 16, 64):  # the weight gradient's split sum: fp32 (fp64) partials into the fp32 weight
-        yield "split_sum_kernel", f"splits<={block_s}", {"BLOCK_S": block_s, "BLOCK_N": 128}, 4
+    # The weight gradient's split sum: fp32 (fp64) partials into the fp32 weight, in the blocks
+    # triton_launch._split_sum_blocks picks (128 columns for large gradients, down to 8 for small ones).
+    for block_n, block_s in ((128, 2), (128, 16), (128, 64), (32, 64), (16, 128), (8, 256)):
+        yield "split_sum_kernel", f"{block_n}x(splits<={block_s})", {"BLOCK_S": block_s, "BLOCK_N": block_n}, 4
     # The forward's packed 3x3 weight from an fp32 (fp64) channels_last one (C, its rows here, innermost).
     param = "fp64" if fp64 else "fp32"
     yield ("pack_weight_kernel", "", {"ssa": 1, "BLOCK_A": L.PACK_BLOCK, "BLOCK_B": L.PACK_BLOCK}, 4,
