@@ -294,8 +294,8 @@ def _small_kernels(dtype: str):
                {"FROM_PARTIALS": partials, "BATCH_STATS": batch, "UPDATE_RUNNING": update, "HAS_GAMMA": True,
                 "HAS_BETA": True, "COUNT_BATCH": update, **merge, "IS_FP64": fp64}, 4)
     # The weight gradient's split sum: fp32 (fp64) partials into the fp32 weight, in the blocks
-    # triton_launch._split_sum_blocks picks (128 columns for large gradients, down to 8 for small ones).
-    for block_n, block_s in ((128, 2), (128, 16), (128, 64), (32, 64), (16, 128), (8, 256)):
+    # triton_launch._split_sum_blocks picks (8 to 1024 columns: the more elements, the wider).
+    for block_n, block_s in ((1024, 8), (256, 32), (128, 2), (128, 16), (128, 64), (32, 128), (16, 256), (8, 256)):
         yield "split_sum_kernel", f"{block_n}x(splits<={block_s})", {"BLOCK_S": block_s, "BLOCK_N": block_n}, 4
     # The forward's packed 3x3 weight from an fp32 (fp64) channels_last one (C, its rows here, innermost).
     param = "fp64" if fp64 else "fp32"

@@ -868,16 +868,22 @@ def _split_sum(part: Tensor, out: Tensor) -> None:
 
 
 def _split_sum_blocks(n: int, split: int) -> tuple[int, int]:
-    """(gradient elements, splits) a split_sum_kernel program loads a step:
-    columns narrowed (down to 8: one 32-byte sector of fp32) until the grid
+    """(gradient elements, splits) a split_sum_kernel program loads a step.
+    Columns narrowed (down to 8: one 32-byte sector of fp32) until the grid
     has a program per SM, since these sums are small and a program's loop
-    waits on memory (ResNet-164's first-stage 1x1 gradients, 1024 elements
-    in 256 splits, ran 8 programs of 128 columns for 9.3 us on the H200,
-    session 11); the splits widened to keep ~2048 loads in flight."""
+    waits on memory: ResNet-164's first-stage 1x1 gradients (1024 elements
+    in 256 splits) ran 8 programs of 128 columns for 9.3 us on the H200
+    (session 11). Columns widened (up to 1024) while the grid keeps 4
+    programs per SM: ResNet-v2-50's 256-channel 3x3 gradients (590k
+    elements in 4 splits) ran 4608 programs of 2 KB each for 14 us, ~4x
+    their bytes' time. Splits a step: up to 8192 loads a program (64 a
+    thread, as the 128 x 64 tile: 80-96 registers on sm_90), at most 256."""
     block_n = 128
     while block_n > 8 and _cdiv(n, block_n) < SPLIT_SUM_PROGRAMS:
         block_n //= 2
-    return block_n, _pow2(split, 2, max(64, 2048 // block_n))
+    while block_n < 1024 and _cdiv(n, 2 * block_n) >= 4 * SPLIT_SUM_PROGRAMS:
+        block_n *= 2
+    return block_n, _pow2(split, 2, min(256, 8192 // block_n))
 
 
 SPLIT_SUM_PROGRAMS = 132  # an H100's/H200's SMs

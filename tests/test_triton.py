@@ -357,17 +357,20 @@ def test_weight_pack_is_the_permuted_copy(layout, order):
 
 
 @pytest.mark.parametrize("split, shape", [(2, (36, 20, 3, 3)), (3, (36, 20, 3, 3)), (16, (36, 20, 3, 3)),
-                                          (70, (36, 20, 3, 3)), (70, (16, 64, 1, 1)), (300, (16, 64, 1, 1))])
+                                          (70, (36, 20, 3, 3)), (140, (36, 20, 3, 3)), (70, (16, 64, 1, 1)), (300, (16, 64, 1, 1)),
+                                          (3, (64, 61, 7, 7))])
 def test_split_sum_matches_torch(split, shape):
     """triton_launch._split_sum (split_sum_kernel) against torch.sum over the
     splits: partials laid out as a channels_last gradient, fp64 partials
     into an fp32 gradient (the sum in fp64, then cast, as the kernel does
     with fp32 partials and a bf16 weight) and fp32 into fp32; split counts
-    below, at and above one block of splits (64 for 6480 elements in
-    32-column blocks; 256 for 1024 in 8-column blocks), element counts with
-    a tail."""
-    assert triton_launch._split_sum_blocks(6480, 70) == (32, 64)
+    below, at and above one block of splits (128 for 6480 elements in
+    32-column blocks; 256 for 1024 in 8-column blocks; 191296 elements in
+    256-column blocks), element counts with a tail."""
+    assert triton_launch._split_sum_blocks(6480, 70) == (32, 128)
     assert triton_launch._split_sum_blocks(1024, 300) == (8, 256)
+    assert triton_launch._split_sum_blocks(191296, 3) == (256, 4)
+    assert triton_launch._split_sum_blocks(256 * 256 * 9, 4) == (1024, 4)
     gen = torch.Generator().manual_seed(split)
     for part_dtype, out_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float32)):
         out = torch.empty(*shape, dtype=out_dtype, device=DEVICE, memory_format=torch.channels_last)
