@@ -661,7 +661,7 @@ TAIL_STEPS = 1
 TAIL_SLOTS, TAIL_SLOT_COUNTERS = 64, 1024
 # Partial rows per step of a tail's loop. Each step waits for its loads
 # from L2 (the loop is not pipelined: see triton_kernels._chan_merge), so
-# few wide steps: ResNet-164's third-stage tails take one or two. 128 rows
+# few wide steps: ResNet-164's third-stage tails take one. 128 rows
 # cost the dgrads no registers (sm_90, triton 3.6 and 3.8: the GEMM sets
 # the count); the statistics kernel holds more per row (Chan's merge), and
 # at 64 stays under 100 registers with 32-channel blocks.
