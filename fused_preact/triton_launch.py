@@ -652,8 +652,8 @@ def _channel_partials(x: Tensor, counters: Optional[Tensor] = None, finalize_arg
 # step, as measured on the H200 (session 11, ResNet-164 side by side with
 # FUSED_PREACT_FINALIZE_TAIL=0): a one-step tail cost what it saved (the
 # third stage's units), each further step about 1-4 us more than the finalize
-# kernel it replaces (the first stage's eight-step tails: +9 to +14 us a
-# kernel, 13-19% of those units' device time). The tests raise it to run
+# kernel it replaces (the first stage's eight-step tails: +7 to +14 us a
+# kernel, 5-21% more device time for those units). The tests raise it to run
 # the multi-step loop.
 # FUSED_PREACT_FINALIZE_TAIL=0 turns the tails off (side-by-side runs).
 FINALIZE_TAIL = os.environ.get("FUSED_PREACT_FINALIZE_TAIL", "1") != "0"
