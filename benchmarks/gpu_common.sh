@@ -8,12 +8,15 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 
+# STEP_SIGNAL=INT (for pytest) stops a step at its limit the way Ctrl-C
+# does, so that pytest still prints which tests failed (session 11: the
+# default TERM killed a test run before its report).
 step() {  # step NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2 start rc
   shift 2
   start=$(date +%s)
   echo "=== $name (limit ${limit}s, at +$((start - T0))s): $*" | tee -a "$LOG"
-  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  timeout -s "${STEP_SIGNAL:-TERM}" --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
   rc=$?
   echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$LOG"
 }

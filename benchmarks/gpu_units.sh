@@ -50,7 +50,7 @@ echo "=== compile in the background (limit 300s, at +$(($(date +%s) - T0))s)" | 
 timeout --kill-after=5 300 "${BENCH[@]}" --out "$OUT/warm" --warm-workers 10 --warm-only > "$OUT/warm.log" 2>&1 &
 WARM=$!
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
-[ "$TESTS" = none ] || step triton_tests 200 env FUSED_PREACT_TRITON_AUTOTUNE=0 $PY -m pytest -q -rfE $XDIST \
+[ "$TESTS" = none ] || STEP_SIGNAL=INT step triton_tests 200 env FUSED_PREACT_TRITON_AUTOTUNE=0 $PY -m pytest -q -rfE $XDIST \
   -p no:cacheprovider -p no:benchmark "${NODES[@]}"
 wait $WARM
 echo "=== compile: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
