@@ -295,8 +295,9 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     return configs[:1] if not AUTOTUNE else configs
 
 
-# Programs that keep a GPU busy: two per SM of an H100/H200 (132 SMs).
-FILL_PROGRAMS = 264
+# Programs that keep a GPU busy: two per SM of an H100/H200.
+GPU_SMS = 132
+FILL_PROGRAMS = 2 * GPU_SMS
 
 
 def _small_grid(row_tiles: int, cols: int) -> bool:
@@ -879,14 +880,12 @@ def _split_sum_blocks(n: int, split: int) -> tuple[int, int]:
     their bytes' time. Splits a step: up to 8192 loads a program (64 a
     thread, as the 128 x 64 tile: 80-96 registers on sm_90), at most 256."""
     block_n = 128
-    while block_n > 8 and _cdiv(n, block_n) < SPLIT_SUM_PROGRAMS:
+    while block_n > 8 and _cdiv(n, block_n) < GPU_SMS:
         block_n //= 2
-    while block_n < 1024 and _cdiv(n, 2 * block_n) >= 4 * SPLIT_SUM_PROGRAMS:
+    while block_n < 1024 and _cdiv(n, 2 * block_n) >= 4 * GPU_SMS:
         block_n *= 2
     return block_n, _pow2(split, 2, min(256, 8192 // block_n))
 
-
-SPLIT_SUM_PROGRAMS = 132  # an H100's/H200's SMs
 
 
 # ---------------------------------------------------------------- forward
