@@ -32,7 +32,8 @@ MODELS=${MODELS:-"resnet164 resnetv2_50"}
 # benchmarks/gpu_tma_check.sh.
 TESTS=${TESTS:-"test_backward_finalize_in_the_dgrads_last_programs test_batch_counted_by_the_finalize
   test_tails_decline_what_one_program_should_not_sum test_statistics_finalized_in_their_last_programs
-  test_tails_agree_over_many_launches test_stride_2_dgrad_in_parity_classes"}
+  test_tails_agree_over_many_launches test_stride_2_dgrad_in_parity_classes
+  test_gemms_reading_an_activation_pass test_activation_pass_against_the_reference"}
 NODES=()
 for name in $TESTS; do NODES+=("tests/test_triton.py::$name"); done
 
@@ -70,6 +71,12 @@ fits() { [ $(($(date +%s) - T0 + $1)) -le "${DEADLINE:-480}" ]; }
   env FUSED_PREACT_FWD_TMA=1 FUSED_PREACT_DGRAD_TMA=1 FUSED_PREACT_WGRAD_TMA=1 \
   $PY benchmarks/kernel_times.py --providers triton --units resnetv2_50 --steps 10 \
   --out "$OUT/kernel_times_resnetv2_50_tma"
+# Side by side (ACT_SIDE_BY_SIDE=1, the default): ResNet-v2-50 without the
+# activation-pass candidates of its 3x3 forwards and weight gradients
+# (session 12; the autotuner's tables also time them against the fused forms).
+[ "${ACT_SIDE_BY_SIDE:-1}" = 1 ] && fits 90 && step kernel_times_resnetv2_50_no_act_pass 90 \
+  env FUSED_PREACT_ACT_PASS=0 $PY benchmarks/kernel_times.py --providers triton --units resnetv2_50 --steps 10 \
+  --out "$OUT/kernel_times_resnetv2_50_no_act_pass"
 # Side by side: ResNet-164 with the finalize kernels instead of the
 # last-program tails (session 9; the separate BN finalizes and the count).
 [ "${TAILS_SIDE_BY_SIDE:-1}" = 1 ] && fits 60 && step kernel_times_no_tails 60 env FUSED_PREACT_FINALIZE_TAIL=0 \

@@ -83,7 +83,7 @@ def _specialize(fn, dtype: str, constexprs: dict, pointer_dtypes: Optional[dict]
     the variant (``constexprs``), and ``pointer_dtypes`` overrides a
     pointer's element type (an fp32 weight under autocast)."""
     stats = "fp64" if dtype == "fp64" else "fp32"
-    data_ptrs = {"x_ptr", "w_ptr", "res_ptr", "y_ptr", "gy_ptr", "gz_ptr", "gx_ptr"}
+    data_ptrs = {"x_ptr", "act_ptr", "w_ptr", "res_ptr", "y_ptr", "gy_ptr", "gz_ptr", "gx_ptr"}
     channel_strides = {"sxc", "syc", "src", "sgc"}
     divisible = {"C", "K", "sxn", "sxh", "sxw", "syn", "syh", "syw", "srn", "srh", "srw", "sgn", "sgh", "sgw",
                  "swk", "swc", "swh", "sww", "sps", "spk", "spc", "sph", "A", "B", "ssb", "ssh", "ssw", "N"}
@@ -233,6 +233,11 @@ def _variants(kernel: str, dtype: str):
                     yield (f"{k}x{k}/s{s}{'+res+stats' if res else ''}{suffix},tma",
                            {**geometry, **common, **weight, "HAS_RESIDUAL": res, "EMIT_STATS": emit,
                             "W_KC": k == 1}, pointers)
+            if k == 3 and suffix == "" and kernel in ("conv_fwd_kernel", "conv_wgrad_kernel"):
+                # reading an activation pass's output (ACT_PASS: its configs only)
+                extra = {"HAS_RESIDUAL": True, "EMIT_STATS": True} if kernel == "conv_fwd_kernel" else {}
+                yield (f"{k}x{k}/s{s}{'+res+stats' if extra else ''},act",
+                       {**geometry, **common, **weight, **extra, "ACT_PASS": True}, pointers)
             if k == 3 and s == 1 and suffix == "":
                 extra = {"HAS_RESIDUAL": False, "EMIT_STATS": False} if kernel == "conv_fwd_kernel" else {}
                 extra |= {"PARITY": False} if kernel == "conv_dgrad_kernel" else {}
@@ -251,12 +256,13 @@ def _configs(kernel: str, all_configs: bool):
     seen, defaults = {}, set()
     for cols, red in itertools.product(counts, repeat=2):
         if kernel == "conv_wgrad_kernel":
-            configs = L._wgrad_configs(cols, red, tma=True)
+            configs = L._wgrad_configs(cols, red, tma=True, act_pass=int(red >= L.ACT_PASS_CHANNELS))
         else:  # every candidate: 3x3 (both loops, half-width tiles) and 1x1 (epilogue loads first),
             # the forward's 256-column tiles, the epilogue-heavy dgrads' forms
             wide = kernel == "conv_fwd_kernel"
             tma = "forward" if wide else "dgrad"
-            configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide, tma=tma)
+            configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide, tma=tma,
+                                       act_pass=int(wide and red >= L.ACT_PASS_CHANNELS))
                        + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True,
                                          wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel", tma=tma))
         for cfg in configs:
@@ -282,6 +288,7 @@ def _small_kernels(dtype: str):
             yield ("channel_stats_partial_kernel", "+fin",
                    {"BLOCK_M": 256, "BLOCK_C": bc, "IS_FP64": fp64, "FINALIZE": True, "UPDATE_RUNNING": True,
                     "HAS_GAMMA": True, "HAS_BETA": True, "COUNT_BATCH": True, "BLOCK_T": L.TAIL_T_STATS}, 4)
+        yield "activation_pass_kernel", "", {"BLOCK_M": 128, "BLOCK_C": bc, "IS_FP64": fp64}, 4
         for training in (False, True):
             yield ("bn_grad_input_kernel", "train" if training else "eval",
                    {"TRAINING": training, "IS_FP64": fp64, "BLOCK_M": 128, "BLOCK_C": bc}, 4)
@@ -332,7 +339,10 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True)
                 short = variant in ("1x1/s1", "1x1/s1+res+stats", "1x1/s1+fin")
                 for j, (cfg, default) in enumerate(configs):
                     first = cfg.kwargs.get("EPILOGUE_FIRST", False)
-                    if variant.endswith(",tma") or cfg.kwargs.get("TMA"):
+                    if variant.endswith(",act") or cfg.kwargs.get("ACT_PASS"):
+                        # every ACT_PASS config with the ACT_PASS variants (3x3: stride 1 and 2)
+                        take = variant.endswith(",act") and bool(cfg.kwargs.get("ACT_PASS"))
+                    elif variant.endswith(",tma") or cfg.kwargs.get("TMA"):
                         # every TMA config with the TMA variants, the forward's
                         # with its epilogue's residual and statistics only (the
                         # plain ones with the first); the register limit is

@@ -321,13 +321,17 @@ def _bn_backward_channels(sum_gz_ptr, sum_gz_xhat_ptr, mean_ptr, invstd_ptr, sca
 @triton.jit
 def _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc,
                     DOT_DTYPE: tl.constexpr, IS_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
-                    EVEN_C: tl.constexpr):
+                    EVEN_C: tl.constexpr, ACT_PASS: tl.constexpr):
     """[rows, channels] tile of a = relu(x*scale + shift), zero where the row
     is a padding tap or out of range (zero *after* the activation). EVEN_C:
-    the tile is inside C (C a multiple of the block), no channel masks."""
+    the tile is inside C (C a multiple of the block), no channel masks.
+    ACT_PASS: ``x_ptr`` holds the activation already (activation_pass_kernel's
+    output, laid out as x), read as it is; its masked rows load zero."""
     mask_c = (offs_c < C) | EVEN_C
     mask = row_ok[:, None] & mask_c[None, :]
     x = tl.load(x_ptr + row_base[:, None] + _idx(offs_c, WIDE_INDEX)[None, :] * sxc, mask=mask, other=0.0)
+    if ACT_PASS:
+        return x.to(DOT_DTYPE)
     return _activate(x, scale_ptr, shift_ptr, row_ok, offs_c, C, DOT_DTYPE, IS_FP64, EVEN_C)
 
 
@@ -394,10 +398,11 @@ def _flat_step(it, chunks, KW: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_tap, offs_c, offs_n, mask_n, C, sxc, swc, swk,
              DOT_DTYPE: tl.constexpr, IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-             WIDE_INDEX: tl.constexpr, EVEN_C: tl.constexpr):
-    """acc += relu(x*scale + shift)[rows, offs_c] @ W[tap][offs_c, offs_n]."""
+             WIDE_INDEX: tl.constexpr, EVEN_C: tl.constexpr, ACT_PASS: tl.constexpr):
+    """acc += relu(x*scale + shift)[rows, offs_c] @ W[tap][offs_c, offs_n]
+    (ACT_PASS: ``x_ptr`` holds relu(x*scale + shift) already)."""
     a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64, WIDE_INDEX,
-                        EVEN_C)
+                        EVEN_C, ACT_PASS)
     b = tl.load(w_tap + offs_c[:, None] * swc + offs_n[None, :] * swk,
                 mask=((offs_c < C) | EVEN_C)[:, None] & mask_n[None, :], other=0.0)
     return tl.dot(a, b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
@@ -427,7 +432,7 @@ def _fwd_tma_mma(acc, x_desc, w_desc, scale_ptr, shift_ptr, mask_m, oh, ow, kh, 
 
 
 @triton.jit
-def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_part_ptr, m2_part_ptr,
+def conv_fwd_kernel(x_ptr, act_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_part_ptr, m2_part_ptr,
                     M, C, K, H, W, OH, OW,
                     sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw, swk, swc, swh, sww,
                     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -435,7 +440,8 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     FLAT: tl.constexpr, EPILOGUE_FIRST: tl.constexpr = False, WIDE_INDEX: tl.constexpr = False,
-                    EVEN_C: tl.constexpr = False, TMA: tl.constexpr = False, W_KC: tl.constexpr = False):
+                    EVEN_C: tl.constexpr = False, TMA: tl.constexpr = False, W_KC: tl.constexpr = False,
+                    ACT_PASS: tl.constexpr = False):
     """Implicit-GEMM forward: rows = output pixels (M = N*OH*OW), columns =
     output channels (K), reduction = KH*KW taps x C input channels. The
     weight [K, C, KH, KW] is read through its strides (sw*): nn.Conv2d's own
@@ -472,8 +478,21 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
     programs an SM) where the pointer forms take 164 (flat) to 246
     (unrolled; triton_aot). The weight: packed [KH*KW*C, K]
     (K contiguous), or a 1x1 one as [K, C] (W_KC, C contiguous, nn.Conv2d's
-    layout), in x's dtype."""
+    layout), in x's dtype.
+
+    ACT_PASS (pointer forms): the activation relu(x*scale + shift) was
+    written to ``act_ptr`` (laid out as x, in x's dtype: the value the
+    prologue would cast to DOT_DTYPE) by activation_pass_kernel just before,
+    and the loop reads it as a plain convolution reads its input (masked
+    rows load zero: the padding). A 3x3 conv computes each activation once
+    per tap that reads it, 9 times, in the loop that feeds the tensor cores,
+    and carries the activated tile through registers; the pass computes it
+    once, and the loop is the dgrad's (which ran 1.2-1.8x faster than this
+    forward on the same shapes with long reductions: benchmarks/RESULTS.md,
+    session 12). An autotuning candidate whose trials include the pass
+    (triton_launch: the config's pre_hook); x itself is what the op saves."""
     pid_m, pid_n = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    src_ptr = act_ptr if ACT_PASS else x_ptr  # what the pointer forms' reduction loop reads
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -528,9 +547,9 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
             iw = ow * STRIDE - PAD + kw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             row_base = n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX)
-            acc = _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww, offs_c,
-                           offs_n, mask_n, C, sxc, swc, swk, DOT_DTYPE, IS_FP64, INPUT_PRECISION, WIDE_INDEX,
-                           EVEN_C)
+            acc = _fwd_mma(acc, src_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww,
+                           offs_c, offs_n, mask_n, C, sxc, swc, swk, DOT_DTYPE, IS_FP64, INPUT_PRECISION, WIDE_INDEX,
+                           EVEN_C, ACT_PASS)
     else:
         if KH * KW == 1:
             tl.assume(C > 0)
@@ -542,9 +561,9 @@ def conv_fwd_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, mean_par
                 row_base = n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX)
                 w_tap = w_ptr + kh * swh + kw * sww
                 for c0 in range(0, C, BLOCK_K):
-                    acc = _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_tap,
+                    acc = _fwd_mma(acc, src_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_tap,
                                    c0 + tl.arange(0, BLOCK_K), offs_n, mask_n, C, sxc, swc, swk, DOT_DTYPE, IS_FP64,
-                                   INPUT_PRECISION, WIDE_INDEX, EVEN_C)
+                                   INPUT_PRECISION, WIDE_INDEX, EVEN_C, ACT_PASS)
 
     if HAS_RESIDUAL:
         if not EPILOGUE_FIRST:
@@ -751,6 +770,26 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
 
 
 @triton.jit
+def activation_pass_kernel(x_ptr, scale_ptr, shift_ptr, act_ptr, M, C, HW, W, sxn, sxc, sxh, sxw,
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
+    """act = relu(x*scale + shift) in x's dtype, laid out as x (same
+    strides): the input of the GEMM kernels' ACT_PASS form, rounded once,
+    as their prologue rounds it to the MMA's dtype. One [pixels, channels]
+    tile a program."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    n, h, w = _rows_to_nhw(offs_m, HW, W)
+    offs = ((n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None]
+            + offs_c.to(tl.int64)[None, :] * sxc)
+    mask = mask_m[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    a = _activate(x, scale_ptr, shift_ptr, mask_m, offs_c, C, act_ptr.dtype.element_ty, IS_FP64, False)
+    tl.store(act_ptr + offs, a, mask=mask)
+
+
+@triton.jit
 def bn_grad_input_kernel(gz_ptr, x_ptr, gx_ptr, scale_ptr, k1_ptr, k0_ptr, M, C, HW, W,
                          sxn, sxc, sxh, sxw, TRAINING: tl.constexpr, IS_FP64: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -780,14 +819,15 @@ def bn_grad_input_kernel(gz_ptr, x_ptr, gx_ptr, scale_ptr, k1_ptr, k0_ptr, M, C,
 
 
 @triton.jit(do_not_specialize=["ohw_mul", "ohw_shr", "ow_mul", "ow_shr"])
-def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
+def conv_wgrad_kernel(x_ptr, act_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                       M, C, K, H, W, OH, OW, SPLIT, ohw_mul, ohw_shr, ow_mul, ow_shr,
                       sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sps, spk, spc, sph, spw,
                       STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                       IS_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       CHANNEL_ROWS: tl.constexpr = False, WIDE_INDEX: tl.constexpr = False,
-                      DENSE_ROWS: tl.constexpr = False, TMA: tl.constexpr = False):
+                      DENSE_ROWS: tl.constexpr = False, TMA: tl.constexpr = False,
+                      ACT_PASS: tl.constexpr = False):
     """Split-K weight gradient: program (tap, K tile, C tile, split) computes
     gy[rows, K]^T a[rows, C] over its share of the M = N*OH*OW output pixels,
     with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
@@ -818,7 +858,12 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     through tensor descriptors as the [M, channels] matrices of their pixels,
     x's rows for tap (kh, kw) shifted by (kh - PAD) * W + (kw - PAD) (as in
     conv_fwd_kernel's TMA), the padding taps' rows zeroed after the
-    activation (a 1x1 has none; its rows past M meet gy's zero-filled ones)."""
+    activation (a 1x1 has none; its rows past M meet gy's zero-filled ones).
+
+    ACT_PASS (pointer forms): the activation read from ``act_ptr`` (laid out
+    as x), written by activation_pass_kernel just before, as in
+    conv_fwd_kernel: a 3x3 gradient's programs (one per tap) otherwise
+    compute each activation 9 times."""
     pid_tap = tl.program_id(0)
     pid_kc = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -874,8 +919,8 @@ def conv_wgrad_kernel(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
         else:
             g = tl.load(gy_ptr + g_rows[:, None] + _idx(offs_k, WIDE_INDEX)[None, :] * sgc,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            a = _activated_tile(x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C, sxc, DOT_DTYPE, IS_FP64,
-                                WIDE_INDEX, False)
+            a = _activated_tile(act_ptr if ACT_PASS else x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C,
+                                sxc, DOT_DTYPE, IS_FP64, WIDE_INDEX, False, ACT_PASS)
         if CHANNEL_ROWS:
             acc = tl.dot(tl.trans(a), g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         else:

@@ -155,7 +155,7 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
                   flat: Optional[bool] = None, small_grid: bool = False, epilogue_tile: bool = False,
                   epilogue_first: Optional[bool] = None, wide: bool = False,
                   wide_only: bool = False, epilogue_heavy: bool = False, tma: str = "",
-                  tma_only: bool = False) -> list[triton.Config]:
+                  tma_only: bool = False, act_pass: int = 0) -> list[triton.Config]:
     """Forward/dgrad: the tile spans the output channels (up to 128); eight
     warps for wide tiles, where the transformed A tile and the accumulator
     would otherwise exceed the register file (measured with triton_aot).
@@ -193,6 +193,10 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     read, ``_tma_forward``, ``_tma_dgrad``) adds a few configs with the data
     and the weight read through tensor descriptors (the kernels' TMA);
     ``tma_only`` keeps only those (FWD_TMA, DGRAD_TMA).
+    ``act_pass`` (forward: 1 offered, 2 only; ``_act_pass_mode``) adds the
+    first config in both loop forms (and with 4 stages where the reduction
+    is long) reading an activation pass's output (ACT_PASS, run by the
+    config's pre_hook, so its trials include the pass).
     ``epilogue_heavy`` (a dgrad whose epilogue -- x's tile in, gz's out,
     two column sums -- is long beside its reduction: 1x1 or stride 2 in
     parity classes, at most 512 output channels) adds the half-width tile
@@ -260,6 +264,11 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
                                       "FLAT": taps > 1, "EPILOGUE_FIRST": False}, num_warps=8, num_stages=3))
         if wide_only:
             return configs[-1:]
+    if act_pass:
+        act_configs = _act_pass_configs(configs[0], n_red * taps >= 512 and n_red >= 64)
+        if act_pass == 2:
+            return act_configs[:1] if not AUTOTUNE else act_configs
+        configs += act_configs
     if tma:
         # A few candidates, not a copy of every config: each costs a compile
         # on a fresh machine's first step (~1-2 s). Without per-element
@@ -305,8 +314,19 @@ def _small_grid(row_tiles: int, cols: int) -> bool:
     return row_tiles * _cdiv(cols, _pow2(cols, 16, 128)) < FILL_PROGRAMS
 
 
+def _act_pass_configs(first: triton.Config, long_reduction: bool) -> list[triton.Config]:
+    """The forward's ACT_PASS candidates: ``first``'s tile in the unrolled
+    and the flat loop, and flat with 4 stages for a long reduction (the
+    forms the dgrad, the same loop without the activation, picked for
+    ResNet-v2-50's 3x3 layers on the H200: session 11)."""
+    forms = [(False, first.num_stages), (True, first.num_stages)] + ([(True, 4)] if long_reduction else [])
+    return [triton.Config({**first.kwargs, "FLAT": flat, "EPILOGUE_FIRST": False, "ACT_PASS": True},
+                          num_warps=first.num_warps, num_stages=stages, pre_hook=_act_pass_hook)
+            for flat, stages in forms]
+
+
 def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bool] = None, tma: bool = False,
-                   tma_only: bool = False) -> list[triton.Config]:
+                   tma_only: bool = False, act_pass: int = 0) -> list[triton.Config]:
     """Weight-gradient tiles: K up to 128 by C up to 64, 64 or 128 rows a
     step. Where the C tile is 64 (wgmma's rows) each also comes transposed
     (CHANNEL_ROWS, see conv_wgrad_kernel: the activation as the register
@@ -317,7 +337,10 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
     True/False keeps only that order (WGRAD_CHANNEL_ROWS). ``tma`` (x and
     gy readable through TMA descriptors: ``_tma_wgrad``) adds the configs of
     the preferred order (transposed where offered) with the TMA form;
-    ``tma_only`` keeps only those (WGRAD_TMA)."""
+    ``tma_only`` keeps only those (WGRAD_TMA). ``act_pass`` (1 offered, 2
+    only; ``_act_pass_mode``) adds the 64-row tile in each order reading an
+    activation pass's output (ACT_PASS; the pass is the config's pre_hook,
+    so the trials time it too)."""
     if fp64:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
                                "CHANNEL_ROWS": bool(channel_rows)}, num_warps=4, num_stages=2)]
@@ -337,6 +360,14 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
         if tma_only:
             return tma_configs[:1] if not AUTOTUNE else tma_configs
         configs += tma_configs
+    if act_pass:
+        act_configs = [triton.Config({**cfg.kwargs, "ACT_PASS": True}, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages, pre_hook=_act_pass_hook)
+                       for cfg in configs if cfg.kwargs["BLOCK_M"] == 64 and cfg.kwargs["BLOCK_K"] == bk
+                       and not cfg.kwargs.get("TMA")]
+        if act_pass == 2:
+            return act_configs[:1] if not AUTOTUNE else act_configs
+        configs += act_configs
     return configs[:1] if not AUTOTUNE else configs
 
 
@@ -348,6 +379,42 @@ def _wgrad_split(m: int, k: int, c: int, taps: int) -> int:
     tiles = taps * _cdiv(k, _pow2(k, 16, 128)) * _cdiv(c, _pow2(c, 16, 64))
     fill = FILL_PROGRAMS * (3 if taps > 1 and c < 64 else 1)
     return max(1, min(_cdiv(m, 512), _cdiv(fill, tiles)))
+
+
+def _act_pass_buffer(x: Tensor, taps: int) -> tuple[int, Tensor]:
+    """(mode, buffer) of a GEMM's ACT_PASS form (see ACT_PASS): 0 not
+    offered (the buffer argument is then x, never read), 1 offered beside
+    the other configs, 2 the only form; the buffer, where offered, a
+    temporary laid out as x (taken from the caching allocator at every
+    launch, whichever form the autotuner picked: host work, no device work;
+    the launch's config is not known here)."""
+    mode = 0
+    if ACT_PASS is not False and taps > 1:
+        if ACT_PASS:
+            mode = 2
+        elif not INTERPRET and x.is_cuda and x.element_size() == 2 and x.shape[1] >= ACT_PASS_CHANNELS:
+            mode = 1
+    if mode == 0:
+        return 0, x
+    act = torch.empty_like(x)  # (preserve_format: a dense x's strides)
+    return (mode, act) if act.stride() == x.stride() else (0, x)
+
+
+def activation_pass(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
+    """out = relu(x*scale + shift) in out's dtype, ``out`` laid out as x:
+    the input of the GEMMs' ACT_PASS form."""
+    n, c, h, w = x.shape
+    m = n * h * w
+    block_m, block_c = (32, 16) if INTERPRET else (128, _pow2(c, 16, 64))
+    _run("activation_pass_kernel", (_cdiv(m, block_m), _cdiv(c, block_c)), x, scale, shift, out, m, c, h * w, w,
+         *_strides(x), BLOCK_M=block_m, BLOCK_C=block_c, IS_FP64=x.dtype == torch.float64)
+
+
+def _act_pass_hook(nargs: dict) -> None:
+    """The ACT_PASS configs' pre_hook: the activation pass before the GEMM,
+    at every launch of the config (the autotuner's trials included, so they
+    time the pass with the GEMM)."""
+    activation_pass(nargs["x_ptr"], nargs["scale_ptr"], nargs["shift_ptr"], nargs["act_ptr"])
 
 
 # The forward/dgrad row block is fixed (not tuned) because the per-tile
@@ -405,6 +472,17 @@ WGRAD_SPLIT: Optional[int] = None
 # None = both autotuned where the C tile is 64 (GPU; plain under the
 # interpreter), True/False = only that one (the tests run both).
 WGRAD_CHANNEL_ROWS: Optional[bool] = None
+# The 3x3 forward and weight gradient reading an activation pass's output
+# (the kernels' ACT_PASS: activation_pass_kernel writes relu(x*scale +
+# shift) to a temporary laid out as x, which the GEMM reads as a plain
+# convolution reads its input, instead of computing each activation once
+# per tap). None = autotuning candidates (GPU, 16-bit data, KH*KW > 1, at
+# least ACT_PASS_CHANNELS input channels, x dense), timed with the pass (the
+# configs' pre_hook); True = only that form (any dtype, also under the
+# interpreter: the tests); False = never (env FUSED_PREACT_ACT_PASS=0).
+# The temporary lives for the one launch (x is what the op saves).
+ACT_PASS: Optional[bool] = None if os.environ.get("FUSED_PREACT_ACT_PASS", "1") != "0" else False
+ACT_PASS_CHANNELS = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -540,7 +618,9 @@ def _launch(kernel_name: str, grid, args: tuple, kwargs: dict, config_key: Optio
                _spec_key(kernel_name, args))
         hit = _COMPILED.get(key)
         if hit is not None:
-            compiled, grid3, tail = hit
+            compiled, grid3, tail, pre_hook = hit
+            if pre_hook is not None:
+                pre_hook(dict(zip(fn.arg_names, args)))
             compiled[grid3](*args, *tail)
             return
     configs = _configs_for(config_key) if config_key is not None else ()
@@ -548,8 +628,9 @@ def _launch(kernel_name: str, grid, args: tuple, kwargs: dict, config_key: Optio
         tuner = _tuned(kernel_name, config_key)
         timings_before = getattr(tuner, "configs_timings", None)
         compiled = tuner[grid](*args, **kwargs)
-        best = getattr(tuner, "best_config", None)
+        best = getattr(tuner, "best_config", None)  # (the autotuner ran its pre_hook)
         meta = {**kwargs, **best.kwargs} if best is not None else None
+        pre_hook = best.pre_hook if best is not None else None
         timings = getattr(tuner, "configs_timings", None)
         if best is not None and timings is not None and timings is not timings_before:
             shape = dict(zip(("M", "C", "K", "H", "W", "OH", "OW"), args[_pointer_count(kernel_name):]))
@@ -559,9 +640,12 @@ def _launch(kernel_name: str, grid, args: tuple, kwargs: dict, config_key: Optio
         cfg = configs[0]
         meta = {**kwargs, **cfg.kwargs}
         limits = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
+        pre_hook = cfg.pre_hook
+        if pre_hook is not None:
+            pre_hook(dict(zip(fn.arg_names, args)))
         compiled = fn[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **limits)
     else:
-        meta = kwargs
+        meta, pre_hook = kwargs, None
         compiled = fn[grid](*args, **kwargs)
     if key is None or meta is None or not isinstance(compiled, triton.compiler.CompiledKernel):
         return
@@ -574,7 +658,7 @@ def _launch(kernel_name: str, grid, args: tuple, kwargs: dict, config_key: Optio
     g = tuple(grid(meta) if callable(grid) else grid)
     if len(_COMPILED) >= _COMPILED_MAX:
         _COMPILED.clear()
-    _COMPILED[key] = (compiled, g + (1,) * (3 - len(g)), tuple(meta[name] for name in names))
+    _COMPILED[key] = (compiled, g + (1,) * (3 - len(g)), tuple(meta[name] for name in names), pre_hook)
 
 
 @functools.lru_cache(maxsize=None)
@@ -605,6 +689,8 @@ def _launch_gemm(kernel_name: str, grid, config_key: tuple, interpret_meta: dict
         blocks = (interpret_meta["BLOCK_K"],) if INTERPRET else _reduction_blocks(config_key)
         constexprs[name] = all(count % block == 0 for block in blocks)
     if INTERPRET:
+        if interpret_meta.get("ACT_PASS"):  # (on a GPU the ACT_PASS config's pre_hook)
+            _act_pass_hook(dict(zip(getattr(K, kernel_name).arg_names, args)))
         _launch(kernel_name, grid, args, {**constexprs, **interpret_meta})
     else:
         _launch(kernel_name, grid, args, constexprs, config_key)
@@ -1018,14 +1104,16 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
         wide = (x.element_size() == 2 and (kh * kw == 1 or w_gemm.dtype == x.dtype)
                 and FWD_WIDE_TILE is not False)
         tma = w_kc is not None
+        act_mode, act = _act_pass_buffer(x, kh * kw) if not (tma and FWD_TMA) else (0, x)
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
                                                _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
                                                EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE), False,
-                                               "forward" if tma else "", tma and bool(FWD_TMA)),
+                                               "forward" if tma else "", tma and bool(FWD_TMA), act_mode),
                      {"BLOCK_M": rows, "BLOCK_N": 256 if FWD_WIDE_TILE else _pow2(k_out, 16, 32),
                       "BLOCK_K": _pow2(c, 16, 16), "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1,
-                      "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(FWD_TMA)},
-                     x, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
+                      "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(FWD_TMA),
+                      "ACT_PASS": act_mode == 2},
+                     x, act, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
                      *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
                      KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
                      DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=_wide_index(x, w_gemm, res, y),
@@ -1081,7 +1169,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, 1 if parity else kh * kw,
                                                      FLAT_LOOP, _small_grid(tiles, c), kh * kw == 1,
                                                      EPILOGUE_FIRST_LOAD, False, False, heavy,
-                                                     "dgrad" if tma else "", tma and bool(DGRAD_TMA)),
+                                                     "dgrad" if tma else "", tma and bool(DGRAD_TMA), 0),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
                           "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity,
                           "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(DGRAD_TMA)},
@@ -1125,11 +1213,13 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
             grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
                                  split)
             tma = _tma_wgrad(x, grad_y, weight.shape, stride, padding)
+            act_mode, act = _act_pass_buffer(x, kh * kw) if not (tma and WGRAD_TMA) else (0, x)
             _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64, WGRAD_CHANNEL_ROWS, tma,
-                                                     tma and bool(WGRAD_TMA)),
+                                                     tma and bool(WGRAD_TMA), act_mode),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
-                          "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS), "TMA": tma and bool(WGRAD_TMA)},
-                         x, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
+                          "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS), "TMA": tma and bool(WGRAD_TMA),
+                          "ACT_PASS": act_mode == 2},
+                         x, act, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
                          *fast_divisor(oh * ow), *fast_divisor(ow),
                          *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
                          KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,

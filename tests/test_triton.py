@@ -564,7 +564,94 @@ def test_gemms_through_tma_descriptors(monkeypatch, kernel, shape, beta_offset, 
         if triton_launch.INTERPRET:
             assert kwargs["TMA"]
         else:
-            assert config_key[-2] and config_key[-1], "TMA candidates only"
+            assert config_key[-3] and config_key[-2], "TMA candidates only"  # (the keys end: tma, only, act)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape, beta_offset", [((2, 8, 5, 7, 16), 1.0), ((1, 40, 6, 5, 24), 1.0),
+                                                ((2, 8, 4, 4, 8), 30.0)],
+                         ids=["odd", "chunks", "large-beta"])
+def test_gemms_reading_an_activation_pass(monkeypatch, shape, beta_offset, stride, layout):
+    """The 3x3 forward and weight gradient reading the activation written
+    by activation_pass_kernel (ACT_PASS, forced) instead of activating x in
+    their loops: output, every gradient and the running statistics against
+    the reference, residual included; padding taps must read zero, not
+    relu(shift) (beta + 30) nor a neighbour; odd sizes, several channel
+    chunks with channels not a multiple of the block, stride 2 with odd
+    H/W, both layouts; and a check that both GEMMs ran in that form."""
+    monkeypatch.setattr(triton_launch, "ACT_PASS", True)
+    seen = {kernel: _record_constexprs(monkeypatch, kernel) for kernel in ("conv_fwd_kernel", "conv_wgrad_kernel")}
+    n, c, h, w, k = shape
+    inp, pad = _inputs(n, c, h, w, k, 3, stride, REF_DTYPE, layout, True, beta_offset=beta_offset)
+    _compare(inp, True, stride, pad, REF_DTYPE)
+    for kernel, launches in seen.items():
+        assert launches, kernel
+        for kwargs, config_key in launches:
+            if triton_launch.INTERPRET:
+                assert kwargs["ACT_PASS"], kernel
+            else:
+                assert config_key[-1] == 2, "ACT_PASS candidates only"
+    if DEVICE == "cuda":  # and in bf16, the dtype it is offered for
+        inp, pad = _inputs(n, c, h, w, k, 3, stride, torch.bfloat16, layout, True, beta_offset=beta_offset)
+        _check_ratio_rule(inp, stride, pad)
+
+
+def test_activation_pass_against_the_reference():
+    """activation_pass_kernel: relu(x*scale + shift) rounded once to x's
+    dtype, laid out as x (channels_last and NCHW), with negative scales,
+    a tail of channels past the block and a tail of pixels."""
+    for layout, dtype in (("channels_last", REF_DTYPE), ("nchw", REF_DTYPE), ("channels_last", torch.float32)):
+        x = (torch.randn(3, 21, 5, 7, dtype=dtype, device=DEVICE) * 3).to(memory_format=LAYOUTS[layout])
+        scale = torch.randn(21, dtype=functional.stats_dtype(x), device=DEVICE)
+        shift = torch.randn(21, dtype=functional.stats_dtype(x), device=DEVICE)
+        out = torch.empty_like(x)
+        triton_launch.activation_pass(x, scale, shift, out)
+        assert out.stride() == x.stride()
+        ref = torch.relu(x.to(scale.dtype) * scale[:, None, None] + shift[:, None, None]).to(dtype)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0) if dtype == torch.float64 else \
+            torch.testing.assert_close(out, ref)
+
+
+def test_activation_pass_offered_where_it_may_pay():
+    """_act_pass_buffer: not for a 1x1 conv, nor where switched off; forced
+    (ACT_PASS = True) for any dtype and layout with a dense x, the buffer
+    laid out as x; left to the autotuner (mode 1) only on a GPU with 16-bit
+    data and at least ACT_PASS_CHANNELS input channels; never for a
+    non-dense x (its buffer could not share x's strides)."""
+    x = torch.empty(2, 8, 4, 4, device=DEVICE).to(memory_format=torch.channels_last)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_launch, "ACT_PASS", True)
+        mode, act = triton_launch._act_pass_buffer(x, 9)
+        assert mode == 2 and act is not x and act.stride() == x.stride()
+        assert triton_launch._act_pass_buffer(x, 1) == (0, x)
+        sliced = torch.empty(2, 16, 4, 4, device=DEVICE)[:, ::2]
+        assert triton_launch._act_pass_buffer(sliced, 9)[0] == 0, "not dense"
+        patch.setattr(triton_launch, "ACT_PASS", False)
+        assert triton_launch._act_pass_buffer(x, 9) == (0, x)
+        patch.setattr(triton_launch, "ACT_PASS", None)
+        assert triton_launch._act_pass_buffer(x, 9)[0] == 0, "fp32, 8 channels"
+        wide = torch.empty(1, triton_launch.ACT_PASS_CHANNELS, 2, 2, device=DEVICE, dtype=torch.bfloat16)
+        expected = 1 if DEVICE == "cuda" and not triton_launch.INTERPRET else 0
+        assert triton_launch._act_pass_buffer(wide, 9)[0] == expected
+
+
+def test_act_pass_configs_run_the_pass_first():
+    """Each ACT_PASS candidate carries the pass as its pre_hook (so the
+    autotuner's trials time it), in both loop forms for the forward and
+    both product orders for the weight gradient; mode 2 keeps only them."""
+    fwd = triton_launch._gemm_configs(128, 256, 256, taps=9, act_pass=1)
+    act = [cfg for cfg in fwd if cfg.kwargs.get("ACT_PASS")]
+    assert {cfg.kwargs["FLAT"] for cfg in act} == {False, True} and len(act) < len(fwd)
+    assert all(cfg.pre_hook is triton_launch._act_pass_hook for cfg in act)
+    assert not any(cfg.pre_hook for cfg in fwd if not cfg.kwargs.get("ACT_PASS"))
+    only = triton_launch._gemm_configs(128, 256, 256, taps=9, act_pass=2)
+    assert only and all(cfg.kwargs.get("ACT_PASS") for cfg in only)
+    wgrad = triton_launch._wgrad_configs(256, 256, act_pass=1)
+    act = [cfg for cfg in wgrad if cfg.kwargs.get("ACT_PASS")]
+    assert {cfg.kwargs["CHANNEL_ROWS"] for cfg in act} == {False, True}
+    assert all(cfg.pre_hook is triton_launch._act_pass_hook for cfg in act)
+    assert all(cfg.kwargs.get("ACT_PASS") for cfg in triton_launch._wgrad_configs(256, 256, act_pass=2))
 
 
 def test_forward_tma_only_where_descriptors_can_read():
