@@ -233,10 +233,11 @@ def _variants(kernel: str, dtype: str):
                     yield (f"{k}x{k}/s{s}{'+res+stats' if res else ''}{suffix},tma",
                            {**geometry, **common, **weight, "HAS_RESIDUAL": res, "EMIT_STATS": emit,
                             "W_KC": k == 1}, pointers)
-            if k == 3 and suffix == "" and kernel in ("conv_fwd_kernel", "conv_wgrad_kernel"):
-                # reading an activation pass's output (ACT_PASS: its configs only)
+            if kernel in ("conv_fwd_kernel", "conv_wgrad_kernel") and (k == 3 and suffix == "" or k == 1 and s == 1):
+                # reading an activation pass's output (ACT_PASS: its configs only; 3x3, and
+                # 1x1 with many output channels, either weight form)
                 extra = {"HAS_RESIDUAL": True, "EMIT_STATS": True} if kernel == "conv_fwd_kernel" else {}
-                yield (f"{k}x{k}/s{s}{'+res+stats' if extra else ''},act",
+                yield (f"{k}x{k}/s{s}{'+res+stats' if extra else ''}{suffix},act",
                        {**geometry, **common, **weight, **extra, "ACT_PASS": True}, pointers)
             if k == 3 and s == 1 and suffix == "":
                 extra = {"HAS_RESIDUAL": False, "EMIT_STATS": False} if kernel == "conv_fwd_kernel" else {}
@@ -264,7 +265,9 @@ def _configs(kernel: str, all_configs: bool):
             configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide, tma=tma,
                                        act_pass=int(wide and red >= L.ACT_PASS_CHANNELS))
                        + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True,
-                                         wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel", tma=tma))
+                                         wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel", tma=tma,
+                                         act_pass=int(wide and red >= L.ACT_PASS_CHANNELS
+                                                      and L._cdiv(cols, 128) >= L.ACT_PASS_READS)))
         for cfg in configs:
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, cfg.maxnreg)
             seen.setdefault(key, cfg)
@@ -340,8 +343,13 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True)
                 for j, (cfg, default) in enumerate(configs):
                     first = cfg.kwargs.get("EPILOGUE_FIRST", False)
                     if variant.endswith(",act") or cfg.kwargs.get("ACT_PASS"):
-                        # every ACT_PASS config with the ACT_PASS variants (3x3: stride 1 and 2)
-                        take = variant.endswith(",act") and bool(cfg.kwargs.get("ACT_PASS"))
+                        # every ACT_PASS config with the ACT_PASS variants: the forward's
+                        # 3x3 ones both loops (unrolled at 3 stages), its 1x1 ones unrolled
+                        # (triton_launch._act_pass_configs)
+                        loop_ok = (kernel != "conv_fwd_kernel" or (
+                            (cfg.kwargs["FLAT"] or cfg.num_stages == 3) if variant.startswith("3x3")
+                            else not cfg.kwargs["FLAT"]))
+                        take = variant.endswith(",act") and bool(cfg.kwargs.get("ACT_PASS")) and loop_ok
                     elif variant.endswith(",tma") or cfg.kwargs.get("TMA"):
                         # every TMA config with the TMA variants, the forward's
                         # with its epilogue's residual and statistics only (the

@@ -484,9 +484,10 @@ def conv_fwd_kernel(x_ptr, act_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
     written to ``act_ptr`` (laid out as x, in x's dtype: the value the
     prologue would cast to DOT_DTYPE) by activation_pass_kernel just before,
     and the loop reads it as a plain convolution reads its input (masked
-    rows load zero: the padding). A 3x3 conv computes each activation once
-    per tap that reads it, 9 times, in the loop that feeds the tensor cores,
-    and carries the activated tile through registers; the pass computes it
+    rows load zero: the padding). The prologue computes each activation once
+    per tap that reads it (9 times in a 3x3 conv) and per tile of output
+    channels, in the loop that feeds the tensor cores, and carries the
+    activated tile through registers; the pass computes it
     once, and the loop is the dgrad's (which ran 1.2-1.8x faster than this
     forward on the same shapes with long reductions: benchmarks/RESULTS.md,
     session 12). An autotuning candidate whose trials include the pass
@@ -862,8 +863,8 @@ def conv_wgrad_kernel(x_ptr, act_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
 
     ACT_PASS (pointer forms): the activation read from ``act_ptr`` (laid out
     as x), written by activation_pass_kernel just before, as in
-    conv_fwd_kernel: a 3x3 gradient's programs (one per tap) otherwise
-    compute each activation 9 times."""
+    conv_fwd_kernel: the programs (one per tap and K tile) otherwise compute
+    each activation once per tap and K tile."""
     pid_tap = tl.program_id(0)
     pid_kc = tl.program_id(1)
     pid_s = tl.program_id(2)

@@ -265,7 +265,7 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         if wide_only:
             return configs[-1:]
     if act_pass:
-        act_configs = _act_pass_configs(configs[0], n_red * taps >= 512 and n_red >= 64)
+        act_configs = _act_pass_configs(configs[0], n_red * taps >= 512 and n_red >= 64, taps > 1)
         if act_pass == 2:
             return act_configs[:1] if not AUTOTUNE else act_configs
         configs += act_configs
@@ -314,12 +314,13 @@ def _small_grid(row_tiles: int, cols: int) -> bool:
     return row_tiles * _cdiv(cols, _pow2(cols, 16, 128)) < FILL_PROGRAMS
 
 
-def _act_pass_configs(first: triton.Config, long_reduction: bool) -> list[triton.Config]:
+def _act_pass_configs(first: triton.Config, long_reduction: bool, taps: bool) -> list[triton.Config]:
     """The forward's ACT_PASS candidates: ``first``'s tile in the unrolled
-    and the flat loop, and flat with 4 stages for a long reduction (the
-    forms the dgrad, the same loop without the activation, picked for
-    ResNet-v2-50's 3x3 layers on the H200: session 11)."""
-    forms = [(False, first.num_stages), (True, first.num_stages)] + ([(True, 4)] if long_reduction else [])
+    and (with several ``taps``) the flat loop, and with 4 stages for a long
+    reduction (the forms the dgrad, the same loop without the activation,
+    picked for ResNet-v2-50's 3x3 layers on the H200: session 11)."""
+    forms = [(False, first.num_stages)] + ([(True, first.num_stages)] if taps else [])
+    forms += [(taps, 4)] if long_reduction else []
     return [triton.Config({**first.kwargs, "FLAT": flat, "EPILOGUE_FIRST": False, "ACT_PASS": True},
                           num_warps=first.num_warps, num_stages=stages, pre_hook=_act_pass_hook)
             for flat, stages in forms]
@@ -381,19 +382,20 @@ def _wgrad_split(m: int, k: int, c: int, taps: int) -> int:
     return max(1, min(_cdiv(m, 512), _cdiv(fill, tiles)))
 
 
-def _act_pass_buffer(x: Tensor, taps: int) -> tuple[int, Tensor]:
-    """(mode, buffer) of a GEMM's ACT_PASS form (see ACT_PASS): 0 not
-    offered (the buffer argument is then x, never read), 1 offered beside
-    the other configs, 2 the only form; the buffer, where offered, a
+def _act_pass_buffer(x: Tensor, taps: int, k_out: int) -> tuple[int, Tensor]:
+    """(mode, buffer) of a GEMM's ACT_PASS form (see ACT_PASS) for a conv of
+    ``taps`` taps and ``k_out`` output channels: 0 not offered (the buffer
+    argument is then x, never read), 1 offered beside the other configs, 2
+    the only form (forced: any conv); the buffer, where offered, a
     temporary laid out as x (taken from the caching allocator at every
     launch, whichever form the autotuner picked: host work, no device work;
     the launch's config is not known here)."""
     mode = 0
-    if ACT_PASS is not False and taps > 1:
-        if ACT_PASS:
-            mode = 2
-        elif not INTERPRET and x.is_cuda and x.element_size() == 2 and x.shape[1] >= ACT_PASS_CHANNELS:
-            mode = 1
+    if ACT_PASS:
+        mode = 2
+    elif (ACT_PASS is None and not INTERPRET and x.is_cuda and x.element_size() == 2
+          and x.shape[1] >= ACT_PASS_CHANNELS and taps * _cdiv(k_out, 128) >= ACT_PASS_READS):
+        mode = 1
     if mode == 0:
         return 0, x
     act = torch.empty_like(x)  # (preserve_format: a dense x's strides)
@@ -472,17 +474,24 @@ WGRAD_SPLIT: Optional[int] = None
 # None = both autotuned where the C tile is 64 (GPU; plain under the
 # interpreter), True/False = only that one (the tests run both).
 WGRAD_CHANNEL_ROWS: Optional[bool] = None
-# The 3x3 forward and weight gradient reading an activation pass's output
-# (the kernels' ACT_PASS: activation_pass_kernel writes relu(x*scale +
-# shift) to a temporary laid out as x, which the GEMM reads as a plain
-# convolution reads its input, instead of computing each activation once
-# per tap). None = autotuning candidates (GPU, 16-bit data, KH*KW > 1, at
-# least ACT_PASS_CHANNELS input channels, x dense), timed with the pass (the
-# configs' pre_hook); True = only that form (any dtype, also under the
+# The forward and weight gradient reading an activation pass's output (the
+# kernels' ACT_PASS: activation_pass_kernel writes relu(x*scale + shift) to
+# a temporary laid out as x, which the GEMM reads as a plain convolution
+# reads its input, instead of computing each activation once per tap and
+# per output-channel tile). None = autotuning candidates (GPU, 16-bit data,
+# x dense, at least ACT_PASS_CHANNELS input channels and ACT_PASS_READS
+# computations of each activation), timed with the pass (the configs'
+# pre_hook); True = only that form (any conv and dtype, also under the
 # interpreter: the tests); False = never (env FUSED_PREACT_ACT_PASS=0).
 # The temporary lives for the one launch (x is what the op saves).
 ACT_PASS: Optional[bool] = None if os.environ.get("FUSED_PREACT_ACT_PASS", "1") != "0" else False
 ACT_PASS_CHANNELS = 128
+# ... and where the GEMM would compute each activation at least this many
+# times: once per tap and per tile of (up to 128) output channels, as the
+# forward's row tiles and the weight gradient's (tap, K tile) programs do.
+# So every 3x3 layer, and the 1x1 ones with 512+ output channels
+# (ResNet-v2-50's expanding 1x1b layers: 4-16 reads).
+ACT_PASS_READS = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -1104,7 +1113,7 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
         wide = (x.element_size() == 2 and (kh * kw == 1 or w_gemm.dtype == x.dtype)
                 and FWD_WIDE_TILE is not False)
         tma = w_kc is not None
-        act_mode, act = _act_pass_buffer(x, kh * kw) if not (tma and FWD_TMA) else (0, x)
+        act_mode, act = _act_pass_buffer(x, kh * kw, k_out) if not (tma and FWD_TMA) else (0, x)
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
                                                _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
                                                EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE), False,
@@ -1213,7 +1222,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
             grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
                                  split)
             tma = _tma_wgrad(x, grad_y, weight.shape, stride, padding)
-            act_mode, act = _act_pass_buffer(x, kh * kw) if not (tma and WGRAD_TMA) else (0, x)
+            act_mode, act = _act_pass_buffer(x, kh * kw, k_out) if not (tma and WGRAD_TMA) else (0, x)
             _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64, WGRAD_CHANNEL_ROWS, tma,
                                                      tma and bool(WGRAD_TMA), act_mode),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32),

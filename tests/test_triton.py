@@ -568,22 +568,23 @@ def test_gemms_through_tma_descriptors(monkeypatch, kernel, shape, beta_offset, 
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
-@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (3, 2), (1, 1), (1, 2)])
 @pytest.mark.parametrize("shape, beta_offset", [((2, 8, 5, 7, 16), 1.0), ((1, 40, 6, 5, 24), 1.0),
                                                 ((2, 8, 4, 4, 8), 30.0)],
                          ids=["odd", "chunks", "large-beta"])
-def test_gemms_reading_an_activation_pass(monkeypatch, shape, beta_offset, stride, layout):
-    """The 3x3 forward and weight gradient reading the activation written
-    by activation_pass_kernel (ACT_PASS, forced) instead of activating x in
+def test_gemms_reading_an_activation_pass(monkeypatch, shape, beta_offset, ksize, stride, layout):
+    """The forward and weight gradient reading the activation written by
+    activation_pass_kernel (ACT_PASS, forced) instead of activating x in
     their loops: output, every gradient and the running statistics against
     the reference, residual included; padding taps must read zero, not
     relu(shift) (beta + 30) nor a neighbour; odd sizes, several channel
     chunks with channels not a multiple of the block, stride 2 with odd
-    H/W, both layouts; and a check that both GEMMs ran in that form."""
+    H/W, 1x1 and 3x3, both layouts; and a check that both GEMMs ran in
+    that form."""
     monkeypatch.setattr(triton_launch, "ACT_PASS", True)
     seen = {kernel: _record_constexprs(monkeypatch, kernel) for kernel in ("conv_fwd_kernel", "conv_wgrad_kernel")}
     n, c, h, w, k = shape
-    inp, pad = _inputs(n, c, h, w, k, 3, stride, REF_DTYPE, layout, True, beta_offset=beta_offset)
+    inp, pad = _inputs(n, c, h, w, k, ksize, stride, REF_DTYPE, layout, True, beta_offset=beta_offset)
     _compare(inp, True, stride, pad, REF_DTYPE)
     for kernel, launches in seen.items():
         assert launches, kernel
@@ -593,7 +594,7 @@ def test_gemms_reading_an_activation_pass(monkeypatch, shape, beta_offset, strid
             else:
                 assert config_key[-1] == 2, "ACT_PASS candidates only"
     if DEVICE == "cuda":  # and in bf16, the dtype it is offered for
-        inp, pad = _inputs(n, c, h, w, k, 3, stride, torch.bfloat16, layout, True, beta_offset=beta_offset)
+        inp, pad = _inputs(n, c, h, w, k, ksize, stride, torch.bfloat16, layout, True, beta_offset=beta_offset)
         _check_ratio_rule(inp, stride, pad)
 
 
@@ -614,26 +615,30 @@ def test_activation_pass_against_the_reference():
 
 
 def test_activation_pass_offered_where_it_may_pay():
-    """_act_pass_buffer: not for a 1x1 conv, nor where switched off; forced
-    (ACT_PASS = True) for any dtype and layout with a dense x, the buffer
-    laid out as x; left to the autotuner (mode 1) only on a GPU with 16-bit
-    data and at least ACT_PASS_CHANNELS input channels; never for a
-    non-dense x (its buffer could not share x's strides)."""
+    """_act_pass_buffer: forced (ACT_PASS = True) for any conv, dtype and
+    layout with a dense x, the buffer laid out as x; never where switched
+    off, nor for a non-dense x (its buffer could not share x's strides);
+    left to the autotuner (mode 1) only on a GPU with 16-bit data, at least
+    ACT_PASS_CHANNELS input channels and ACT_PASS_READS computations of each
+    activation (taps x tiles of 128 output channels): a 3x3 conv, a 1x1 one
+    with 512 output channels, not a 1x1 one with 384."""
     x = torch.empty(2, 8, 4, 4, device=DEVICE).to(memory_format=torch.channels_last)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(triton_launch, "ACT_PASS", True)
-        mode, act = triton_launch._act_pass_buffer(x, 9)
+        mode, act = triton_launch._act_pass_buffer(x, 9, 8)
         assert mode == 2 and act is not x and act.stride() == x.stride()
-        assert triton_launch._act_pass_buffer(x, 1) == (0, x)
+        assert triton_launch._act_pass_buffer(x, 1, 8)[0] == 2
         sliced = torch.empty(2, 16, 4, 4, device=DEVICE)[:, ::2]
-        assert triton_launch._act_pass_buffer(sliced, 9)[0] == 0, "not dense"
+        assert triton_launch._act_pass_buffer(sliced, 9, 8)[0] == 0, "not dense"
         patch.setattr(triton_launch, "ACT_PASS", False)
-        assert triton_launch._act_pass_buffer(x, 9) == (0, x)
+        assert triton_launch._act_pass_buffer(x, 9, 8) == (0, x)
         patch.setattr(triton_launch, "ACT_PASS", None)
-        assert triton_launch._act_pass_buffer(x, 9)[0] == 0, "fp32, 8 channels"
+        assert triton_launch._act_pass_buffer(x, 9, 8)[0] == 0, "fp32, 8 channels"
         wide = torch.empty(1, triton_launch.ACT_PASS_CHANNELS, 2, 2, device=DEVICE, dtype=torch.bfloat16)
-        expected = 1 if DEVICE == "cuda" and not triton_launch.INTERPRET else 0
-        assert triton_launch._act_pass_buffer(wide, 9)[0] == expected
+        gpu = DEVICE == "cuda" and not triton_launch.INTERPRET
+        assert triton_launch._act_pass_buffer(wide, 9, 64)[0] == (1 if gpu else 0)
+        assert triton_launch._act_pass_buffer(wide, 1, 512)[0] == (1 if gpu else 0)
+        assert triton_launch._act_pass_buffer(wide, 1, 384) == (0, wide)
 
 
 def test_act_pass_configs_run_the_pass_first():
@@ -647,6 +652,9 @@ def test_act_pass_configs_run_the_pass_first():
     assert not any(cfg.pre_hook for cfg in fwd if not cfg.kwargs.get("ACT_PASS"))
     only = triton_launch._gemm_configs(128, 256, 256, taps=9, act_pass=2)
     assert only and all(cfg.kwargs.get("ACT_PASS") for cfg in only)
+    one_tap = [cfg for cfg in triton_launch._gemm_configs(128, 512, 256, taps=1, act_pass=1)
+               if cfg.kwargs.get("ACT_PASS")]
+    assert one_tap and not any(cfg.kwargs["FLAT"] for cfg in one_tap), "no flat loop for a 1x1 conv"
     wgrad = triton_launch._wgrad_configs(256, 256, act_pass=1)
     act = [cfg for cfg in wgrad if cfg.kwargs.get("ACT_PASS")]
     assert {cfg.kwargs["CHANNEL_ROWS"] for cfg in act} == {False, True}
