@@ -347,8 +347,8 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True)
                         # 3x3 ones both loops (unrolled at 3 stages), its 1x1 ones unrolled
                         # (triton_launch._act_pass_configs)
                         loop_ok = (kernel != "conv_fwd_kernel" or (
-                            (cfg.kwargs["FLAT"] or cfg.num_stages == 3) if variant.startswith("3x3")
-                            else not cfg.kwargs["FLAT"]))
+                            (cfg.kwargs["FLAT"] or cfg.num_stages == 3 and cfg.kwargs["BLOCK_N"] < 256)
+                            if variant.startswith("3x3") else not cfg.kwargs["FLAT"]))
                         take = variant.endswith(",act") and bool(cfg.kwargs.get("ACT_PASS")) and loop_ok
                     elif variant.endswith(",tma") or cfg.kwargs.get("TMA"):
                         # every TMA config with the TMA variants, the forward's

@@ -265,7 +265,8 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
         if wide_only:
             return configs[-1:]
     if act_pass:
-        act_configs = _act_pass_configs(configs[0], n_red * taps >= 512 and n_red >= 64, taps > 1)
+        act_configs = _act_pass_configs(configs[0], n_red * taps >= 512 and n_red >= 64, taps > 1,
+                                        wide and n_cols >= 256 and flat is not False)
         if act_pass == 2:
             return act_configs[:1] if not AUTOTUNE else act_configs
         configs += act_configs
@@ -314,16 +315,24 @@ def _small_grid(row_tiles: int, cols: int) -> bool:
     return row_tiles * _cdiv(cols, _pow2(cols, 16, 128)) < FILL_PROGRAMS
 
 
-def _act_pass_configs(first: triton.Config, long_reduction: bool, taps: bool) -> list[triton.Config]:
+def _act_pass_configs(first: triton.Config, long_reduction: bool, taps: bool,
+                      wide: bool) -> list[triton.Config]:
     """The forward's ACT_PASS candidates: ``first``'s tile in the unrolled
     and (with several ``taps``) the flat loop, and with 4 stages for a long
     reduction (the forms the dgrad, the same loop without the activation,
-    picked for ResNet-v2-50's 3x3 layers on the H200: session 11)."""
+    picked for ResNet-v2-50's 3x3 layers on the H200: session 11); ``wide``:
+    also the 256-column tile (flat for 3x3: 251 registers, no spills, where
+    the unrolled loop spills; sm_90, triton 3.6)."""
     forms = [(False, first.num_stages)] + ([(True, first.num_stages)] if taps else [])
     forms += [(taps, 4)] if long_reduction else []
-    return [triton.Config({**first.kwargs, "FLAT": flat, "EPILOGUE_FIRST": False, "ACT_PASS": True},
-                          num_warps=first.num_warps, num_stages=stages, pre_hook=_act_pass_hook)
-            for flat, stages in forms]
+    configs = [triton.Config({**first.kwargs, "FLAT": flat, "EPILOGUE_FIRST": False, "ACT_PASS": True},
+                             num_warps=first.num_warps, num_stages=stages, pre_hook=_act_pass_hook)
+               for flat, stages in forms]
+    if wide:
+        configs.append(triton.Config({**first.kwargs, "BLOCK_N": 256, "BLOCK_K": 64, "FLAT": taps,
+                                      "EPILOGUE_FIRST": False, "ACT_PASS": True},
+                                     num_warps=8, num_stages=3, pre_hook=_act_pass_hook))
+    return configs
 
 
 def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bool] = None, tma: bool = False,
