@@ -494,7 +494,10 @@ WGRAD_CHANNEL_ROWS: Optional[bool] = None
 # interpreter: the tests); False = never (env FUSED_PREACT_ACT_PASS=0).
 # The temporary lives for the one launch (x is what the op saves).
 ACT_PASS: Optional[bool] = None if os.environ.get("FUSED_PREACT_ACT_PASS", "1") != "0" else False
-ACT_PASS_CHANNELS = 128
+# (64: ResNet-v2-50's first-stage 3x3 layer, whose weight gradient took
+# 132 us on the H200 for a loop of 64x64 tiles that is mostly activation;
+# ResNet-164's third stage, where the pass's launch should lose its trials.)
+ACT_PASS_CHANNELS = 64
 # ... and where the GEMM would compute each activation at least this many
 # times: once per tap and per tile of (up to 128) output channels, as the
 # forward's row tiles and the weight gradient's (tap, K tile) programs do.
