@@ -193,10 +193,9 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     read, ``_tma_forward``, ``_tma_dgrad``) adds a few configs with the data
     and the weight read through tensor descriptors (the kernels' TMA);
     ``tma_only`` keeps only those (FWD_TMA, DGRAD_TMA).
-    ``act_pass`` (forward: 1 offered, 2 only; ``_act_pass_mode``) adds the
-    first config in both loop forms (and with 4 stages where the reduction
-    is long) reading an activation pass's output (ACT_PASS, run by the
-    config's pre_hook, so its trials include the pass).
+    ``act_pass`` (forward: 1 offered, 2 only; ``_act_pass_buffer``) adds
+    configs reading an activation pass's output (ACT_PASS, run by the
+    config's pre_hook, so its trials include the pass: ``_act_pass_configs``).
     ``epilogue_heavy`` (a dgrad whose epilogue -- x's tile in, gz's out,
     two column sums -- is long beside its reduction: 1x1 or stride 2 in
     parity classes, at most 512 output channels) adds the half-width tile
@@ -348,7 +347,7 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
     gy readable through TMA descriptors: ``_tma_wgrad``) adds the configs of
     the preferred order (transposed where offered) with the TMA form;
     ``tma_only`` keeps only those (WGRAD_TMA). ``act_pass`` (1 offered, 2
-    only; ``_act_pass_mode``) adds the 64-row tile in each order reading an
+    only; ``_act_pass_buffer``) adds the 64-row tile in each order reading an
     activation pass's output (ACT_PASS; the pass is the config's pre_hook,
     so the trials time it too)."""
     if fp64:
@@ -402,9 +401,9 @@ def _act_pass_buffer(x: Tensor, taps: int, k_out: int) -> tuple[int, Tensor]:
     mode = 0
     if ACT_PASS:
         mode = 2
-    elif (ACT_PASS is None and not INTERPRET and x.is_cuda and x.element_size() == 2
+    elif (ACT_PASS is None and AUTOTUNE and not INTERPRET and x.is_cuda and x.element_size() == 2
           and x.shape[1] >= ACT_PASS_CHANNELS and taps * _cdiv(k_out, 128) >= ACT_PASS_READS):
-        mode = 1
+        mode = 1  # (without autotuning the first config runs, never an ACT_PASS one)
     if mode == 0:
         return 0, x
     act = torch.empty_like(x)  # (preserve_format: a dense x's strides)

@@ -635,7 +635,7 @@ def test_activation_pass_offered_where_it_may_pay():
         patch.setattr(triton_launch, "ACT_PASS", None)
         assert triton_launch._act_pass_buffer(x, 9, 8)[0] == 0, "fp32, 8 channels"
         wide = torch.empty(1, triton_launch.ACT_PASS_CHANNELS, 2, 2, device=DEVICE, dtype=torch.bfloat16)
-        gpu = DEVICE == "cuda" and not triton_launch.INTERPRET
+        gpu = DEVICE == "cuda" and not triton_launch.INTERPRET and triton_launch.AUTOTUNE
         assert triton_launch._act_pass_buffer(wide, 9, 64)[0] == (1 if gpu else 0)
         assert triton_launch._act_pass_buffer(wide, 1, 512)[0] == (1 if gpu else 0)
         assert triton_launch._act_pass_buffer(wide, 1, 384) == (0, wide)
@@ -1074,6 +1074,32 @@ def test_gradcheck_float64_alternative_forms(monkeypatch, ksize, stride):
                                          padding=ksize // 2, residual=r, backend="triton")
 
     assert torch.autograd.gradcheck(unit, (x, w, g, b, r), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
+                    "gradcheck runs under the interpreter (CI)")
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (3, 2), (1, 1)])
+def test_gradcheck_float64_through_an_activation_pass(monkeypatch, ksize, stride):
+    """gradcheck with the forward and weight gradient reading an activation
+    pass's output (ACT_PASS, forced), residual gradient included, and a
+    check that both ran in that form."""
+    monkeypatch.setattr(triton_launch, "ACT_PASS", True)
+    seen = {kernel: _record_constexprs(monkeypatch, kernel) for kernel in ("conv_fwd_kernel", "conv_wgrad_kernel")}
+    # (small: each of gradcheck's ~100 perturbations runs the interpreted kernels)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 2, ksize, ksize, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    g = (torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = (3 + 2 * (ksize // 2) - ksize) // stride + 1
+    r = torch.randn(2, 2, out, out, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def unit(x, w, g, b, r):
+        return functional.bn_relu_conv2d(x, w, g, b, None, None, training=True, stride=stride,
+                                         padding=ksize // 2, residual=r, backend="triton")
+
+    assert torch.autograd.gradcheck(unit, (x, w, g, b, r), eps=1e-6, atol=1e-7)
+    for kernel, launches in seen.items():
+        assert launches and all(kwargs["ACT_PASS"] for kwargs, _ in launches), kernel
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
