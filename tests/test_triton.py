@@ -1062,6 +1062,13 @@ def test_gradcheck_float64_alternative_forms(monkeypatch, ksize, stride):
     monkeypatch.setattr(triton_launch, "EPILOGUE_FIRST_LOAD", True)
     monkeypatch.setattr(triton_launch, "WGRAD_CHANNEL_ROWS", True)
     monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", 2)
+    _gradcheck_small_unit(ksize, stride)
+
+
+def _gradcheck_small_unit(ksize: int, stride: int) -> None:
+    """fp64 gradcheck of a training unit with a residual on 2x2x3x3 inputs
+    (small: each of gradcheck's ~100 perturbations runs the interpreted
+    kernels), every input's gradient included."""
     x = torch.randn(2, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(2, 2, ksize, ksize, dtype=torch.float64, device=DEVICE, requires_grad=True)
     g = (torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5).requires_grad_()
@@ -1085,19 +1092,7 @@ def test_gradcheck_float64_through_an_activation_pass(monkeypatch, ksize, stride
     check that both ran in that form."""
     monkeypatch.setattr(triton_launch, "ACT_PASS", True)
     seen = {kernel: _record_constexprs(monkeypatch, kernel) for kernel in ("conv_fwd_kernel", "conv_wgrad_kernel")}
-    # (small: each of gradcheck's ~100 perturbations runs the interpreted kernels)
-    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    w = torch.randn(2, 2, ksize, ksize, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    g = (torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5).requires_grad_()
-    b = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    out = (3 + 2 * (ksize // 2) - ksize) // stride + 1
-    r = torch.randn(2, 2, out, out, dtype=torch.float64, device=DEVICE, requires_grad=True)
-
-    def unit(x, w, g, b, r):
-        return functional.bn_relu_conv2d(x, w, g, b, None, None, training=True, stride=stride,
-                                         padding=ksize // 2, residual=r, backend="triton")
-
-    assert torch.autograd.gradcheck(unit, (x, w, g, b, r), eps=1e-6, atol=1e-7)
+    _gradcheck_small_unit(ksize, stride)
     for kernel, launches in seen.items():
         assert launches and all(kwargs["ACT_PASS"] for kwargs, _ in launches), kernel
 
