@@ -486,13 +486,16 @@ WGRAD_CHANNEL_ROWS: Optional[bool] = None
 # kernels' ACT_PASS: activation_pass_kernel writes relu(x*scale + shift) to
 # a temporary laid out as x, which the GEMM reads as a plain convolution
 # reads its input, instead of computing each activation once per tap and
-# per output-channel tile). None = autotuning candidates (GPU, 16-bit data,
-# x dense, at least ACT_PASS_CHANNELS input channels and ACT_PASS_READS
+# per output-channel tile). OFF by default until a GPU run has passed its
+# tests (session 12 wrote it without a GPU; the TMA forms, which passed
+# under the interpreter too, failed theirs on the H200). Env
+# FUSED_PREACT_ACT_PASS=1: autotuning candidates (None: GPU, 16-bit data, x
+# dense, at least ACT_PASS_CHANNELS input channels and ACT_PASS_READS
 # computations of each activation), timed with the pass (the configs'
 # pre_hook); True = only that form (any conv and dtype, also under the
-# interpreter: the tests); False = never (env FUSED_PREACT_ACT_PASS=0).
+# interpreter: the tests); False = never.
 # The temporary lives for the one launch (x is what the op saves).
-ACT_PASS: Optional[bool] = None if os.environ.get("FUSED_PREACT_ACT_PASS", "1") != "0" else False
+ACT_PASS: Optional[bool] = None if os.environ.get("FUSED_PREACT_ACT_PASS", "0") == "1" else False
 # (64: ResNet-v2-50's first-stage 3x3 layer, whose weight gradient took
 # 132 us on the H200 for a loop of 64x64 tiles that is mostly activation;
 # ResNet-164's third stage, where the pass's launch should lose its trials.)
