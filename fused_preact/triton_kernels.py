@@ -59,6 +59,16 @@ def _rows_to_nhw(offs_m, HW, W):
 
 
 @triton.jit
+def _pixel_offsets(offs_m, offs_c, HW, W, sxn, sxc, sxh, sxw):
+    """int64 element offsets of the [pixels, channels] tile (rows = flat
+    N*H*W pixel indices) of a 4-d tensor with strides sx*, any layout: the
+    per-channel kernels' addressing (statistics, activation pass, gx)."""
+    n, h, w = _rows_to_nhw(offs_m, HW, W)
+    rows = n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+    return rows[:, None] + offs_c.to(tl.int64)[None, :] * sxc
+
+
+@triton.jit
 def _idx(v, WIDE_INDEX: tl.constexpr):
     """An offset term in the GEMM kernels' address arithmetic: int64 where
     a tensor's storage spans 2**30 elements (the launchers' WIDE_INDEX), else
@@ -113,8 +123,7 @@ def channel_stats_partial_kernel(x_ptr, mean_ptr, m2_ptr, counter_ptr, gamma_ptr
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < M
     mask_c = offs_c < C
-    n, h, w = _rows_to_nhw(offs_m, HW, W)
-    ptrs = x_ptr + (n.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + offs_c.to(tl.int64)[None, :] * sxc
+    ptrs = x_ptr + _pixel_offsets(offs_m, offs_c, HW, W, sxn, sxc, sxh, sxw)
     mask = mask_m[:, None] & mask_c[None, :]
     if IS_FP64:
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
@@ -781,9 +790,7 @@ def activation_pass_kernel(x_ptr, scale_ptr, shift_ptr, act_ptr, M, C, HW, W, sx
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < M
     mask_c = offs_c < C
-    n, h, w = _rows_to_nhw(offs_m, HW, W)
-    offs = ((n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None]
-            + offs_c.to(tl.int64)[None, :] * sxc)
+    offs = _pixel_offsets(offs_m, offs_c, HW, W, sxn, sxc, sxh, sxw)
     mask = mask_m[:, None] & mask_c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     a = _activate(x, scale_ptr, shift_ptr, mask_m, offs_c, C, act_ptr.dtype.element_ty, IS_FP64, False)
@@ -803,9 +810,7 @@ def bn_grad_input_kernel(gz_ptr, x_ptr, gx_ptr, scale_ptr, k1_ptr, k0_ptr, M, C,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask = (offs_m < M)[:, None] & mask_c[None, :]
-    n, h, w = _rows_to_nhw(offs_m, HW, W)
-    n = n.to(tl.int64)
-    offs = (n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] + offs_c.to(tl.int64)[None, :] * sxc
+    offs = _pixel_offsets(offs_m, offs_c, HW, W, sxn, sxc, sxh, sxw)
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
     if IS_FP64:
         g = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float64) * scale[None, :]
