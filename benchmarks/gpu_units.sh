@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4's measurement in one short GPU call (about 6 minutes on an H200; the
-# required steps' limits add up to 530 s, the side-by-side ones run while they
-# fit before DEADLINE, 480 s by default):
+# Issue 4's measurement in one short GPU call (about 7-8 minutes on an H200; the
+# required steps' limits add up to 680 s but ran in 270 s in session 11; the
+# side-by-side ones run while they fit before DEADLINE, 480 s by default):
 # GPU tests of the recently changed Triton code (TESTS, test function
 # names; first configs only, FUSED_PREACT_TRITON_AUTOTUNE=0: each form
 # is forced by its flag, and with autotuning every test shape compiled every
@@ -33,7 +33,8 @@ MODELS=${MODELS:-"resnet164 resnetv2_50"}
 TESTS=${TESTS:-"test_backward_finalize_in_the_dgrads_last_programs test_batch_counted_by_the_finalize
   test_tails_decline_what_one_program_should_not_sum test_statistics_finalized_in_their_last_programs
   test_tails_agree_over_many_launches test_stride_2_dgrad_in_parity_classes
-  test_gemms_reading_an_activation_pass test_activation_pass_against_the_reference"}
+  test_gemms_reading_an_activation_pass test_activation_pass_against_the_reference
+  test_gemms_copying_taps_through_l1 test_l1_taps_only_where_there_are_taps"}
 NODES=()
 for name in $TESTS; do NODES+=("tests/test_triton.py::$name"); done
 
@@ -56,6 +57,20 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 wait $WARM
 echo "=== compile: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 cat "$OUT/warm.log" >> "$LOG"; rm -rf "$OUT"/warm*
+# The side-by-side steps' kernels are other specializations (ACT_PASS's
+# candidates, L1_TAPS's constexpr): ~60-110 compiles each, minutes one at a
+# time in the measuring process, so compiled here first, both sets at once
+# in 7 processes each, before anything is timed.
+side_warm() {  # side_warm NAME VARIABLE=1
+  timeout --kill-after=5 150 env "$2" "${BENCH[@]}" --units resnetv2_50 --providers triton \
+    --out "$OUT/warm_$1" --warm-workers 7 --warm-only > "$OUT/warm_$1.log" 2>&1
+  echo "=== side-by-side compile $1: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
+}
+echo "=== side-by-side compile (limit 150s, at +$(($(date +%s) - T0))s)" | tee -a "$LOG"
+[ "${ACT_SIDE_BY_SIDE:-1}" = 1 ] && side_warm act FUSED_PREACT_ACT_PASS=1 &
+[ "${L1_SIDE_BY_SIDE:-1}" = 1 ] && side_warm l1 FUSED_PREACT_L1_TAPS=1 &
+wait
+cat "$OUT"/warm_*.log >> "$LOG" 2>/dev/null; rm -rf "$OUT"/warm*
 for model in $MODELS; do  # one process each: a killed one loses only its own table
   step "kernel_times_$model" "$([ "$model" = resnetv2_50 ] && echo 150 || echo 60)" $PY benchmarks/kernel_times.py \
     --providers eager_cl,triton --units "$model" --steps 10 --out "$OUT/kernel_times_$model"
@@ -78,6 +93,11 @@ fits() { [ $(($(date +%s) - T0 + $1)) -le "${DEADLINE:-480}" ]; }
 [ "${ACT_SIDE_BY_SIDE:-1}" = 1 ] && fits 90 && step kernel_times_resnetv2_50_act_pass 90 \
   env FUSED_PREACT_ACT_PASS=1 $PY benchmarks/kernel_times.py --providers triton --units resnetv2_50 --steps 10 \
   --out "$OUT/kernel_times_resnetv2_50_act_pass"
+# Side by side (L1_SIDE_BY_SIDE=1, the default): ResNet-v2-50 with the 3x3
+# GEMMs' tap tiles copied through L1 (session 13; off by default until timed).
+[ "${L1_SIDE_BY_SIDE:-1}" = 1 ] && fits 90 && step kernel_times_resnetv2_50_l1_taps 90 \
+  env FUSED_PREACT_L1_TAPS=1 $PY benchmarks/kernel_times.py --providers triton --units resnetv2_50 --steps 10 \
+  --out "$OUT/kernel_times_resnetv2_50_l1_taps"
 # Side by side: ResNet-164 with the finalize kernels instead of the
 # last-program tails (session 9; the separate BN finalizes and the count).
 [ "${TAILS_SIDE_BY_SIDE:-1}" = 1 ] && fits 60 && step kernel_times_no_tails 60 env FUSED_PREACT_FINALIZE_TAIL=0 \

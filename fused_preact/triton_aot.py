@@ -181,7 +181,9 @@ def _variants(kernel: str, dtype: str):
     C for dgrad: ``triton_launch._gemm_weight``), and a 1x1 one cast to the
     data dtype where the reduction is long (``,w-cast``); the stride-2 dgrad
     works in parity classes (PARITY); with 16-bit data the stride-1 GEMMs
-    also read through TMA descriptors (``,tma``: their TMA configs only)."""
+    also read through TMA descriptors (``,tma``: their TMA configs only);
+    the stride-1 3x3 forward and dgrad copy their taps' tiles through L1
+    (``,l1``: L1_TAPS, every config)."""
     import triton.language as tl
 
     from . import triton_launch as L
@@ -239,6 +241,12 @@ def _variants(kernel: str, dtype: str):
                 extra = {"HAS_RESIDUAL": True, "EMIT_STATS": True} if kernel == "conv_fwd_kernel" else {}
                 yield (f"{k}x{k}/s{s}{'+res+stats' if extra else ''}{suffix},act",
                        {**geometry, **common, **weight, **extra, "ACT_PASS": True}, pointers)
+            if k == 3 and s == 1 and suffix == "" and kernel != "conv_wgrad_kernel":
+                # the taps' tiles copied through L1 (L1_TAPS: 8-byte cp.async.ca; every config)
+                extra = {"HAS_RESIDUAL": True, "EMIT_STATS": True} if kernel == "conv_fwd_kernel" else {}
+                extra |= {"PARITY": False} if kernel == "conv_dgrad_kernel" else {}
+                yield (f"{k}x{k}/s{s}{'+res+stats' if extra.get('HAS_RESIDUAL') else ''},l1",
+                       {**geometry, **common, **weight, **extra, "L1_TAPS": True}, pointers)
             if k == 3 and s == 1 and suffix == "":
                 extra = {"HAS_RESIDUAL": False, "EMIT_STATS": False} if kernel == "conv_fwd_kernel" else {}
                 extra |= {"PARITY": False} if kernel == "conv_dgrad_kernel" else {}
@@ -337,6 +345,7 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True)
                 # The dgrads with the finalize tail: every config too (the tail
                 # comes after the GEMM; its registers must not spill the loop's).
                 heaviest = (variant in ("3x3/s1", "3x3/s1+res+stats", "1x1/s1,w-cast", "1x1/s1+res+stats,w-cast")
+                            or variant.endswith(",l1")
                             or (kernel == "conv_dgrad_kernel" and (variant == "3x3/s2" or variant.endswith("+fin"))))
                 # (short reductions: never the cast weight, which is for long ones)
                 short = variant in ("1x1/s1", "1x1/s1+res+stats", "1x1/s1+fin")
@@ -374,7 +383,8 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True)
     return jobs
 
 
-def _compile_one(arch: int, job: tuple) -> Compiled:
+def _compile(arch: int, job: tuple):
+    """Triton's CompiledKernel of one job (see ``_jobs``) for sm_``arch``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -384,19 +394,33 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
     kernel, dtype, variant, constexprs, warps, stages, default, pointers = job
     constexprs = dict(constexprs)
     maxnreg = constexprs.pop("maxnreg", None)  # a config's register limit (triton.Config.maxnreg)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     fn = getattr(K, kernel)
+    sig, attrs, consts = _specialize(fn, _TYPE.get(dtype, dtype), constexprs, pointers)
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps, "num_stages": stages,
+                                   **({"maxnreg": maxnreg} if maxnreg else {})})
+
+
+def compile_ptx(arch: int, job: tuple) -> str:
+    """The PTX of one job (see ``_jobs``) for sm_``arch``."""
+    return _compile(arch, job).asm["ptx"]
+
+
+def _compile_one(arch: int, job: tuple) -> Compiled:
+    import triton
+
+    kernel, dtype, variant, constexprs, warps, stages, default, pointers = job
+    constexprs = dict(constexprs)
+    maxnreg = constexprs.pop("maxnreg", None)  # a config's register limit (triton.Config.maxnreg)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items()
                          if k.startswith(("BLOCK", "GROUP", "FLAT", "CHANNEL_ROWS", "EPILOGUE", "TMA")))
     limit = f",maxnreg={maxnreg}" if maxnreg else ""
     rec = Compiled(kernel, arch, dtype, variant, f"{cfg_label},warps={warps},stages={stages}{limit}", default)
     t0 = time.time()
     try:
-        sig, attrs, consts = _specialize(fn, _TYPE.get(dtype, dtype), constexprs, pointers)
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": warps, "num_stages": stages,
-                                           **({"maxnreg": maxnreg} if maxnreg else {})})
+        compiled = _compile(arch, job)
         rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"], tool)
         if kernel.startswith("conv_"):
             rec.loop_instructions, rec.loop_mmas = _mainloop(compiled.asm["cubin"], tool)

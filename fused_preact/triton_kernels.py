@@ -80,6 +80,28 @@ def _idx(v, WIDE_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _rows_through_l1(row_base, row_ok, ptr, L1_TAPS: tl.constexpr):
+    """A tap's row offsets, shifted by 8 bytes in the rows that are not
+    loaded (``row_ok`` false: padding taps, rows past M) when L1_TAPS.
+
+    Why: Triton copies a GEMM operand tile into shared memory with
+    cp.async, and for 16-byte copies it always picks ``cp.async.cg``, which
+    bypasses L1 (sm_90 PTX; 8- and 4-byte copies are ``cp.async.ca``). An
+    implicit GEMM's taps re-read the same input rows shifted by a pixel or
+    an image row: a 128-row tile of a stride-1 3x3 conv reads 242 distinct
+    rows nine times each step of channels, all from L2 (ResNet-v2-50's
+    first 3x3 layer: ~231 MB of x per launch for 26 MB of data). With the
+    offsets no longer known to be multiples of 16 bytes, the compiler
+    copies 8 bytes at a time through L1, where the other taps' copies can
+    hit. The shifted offsets are never dereferenced (those rows are
+    masked), so the values loaded are the same; twice the copy
+    instructions for the tile."""
+    if L1_TAPS:
+        row_base = row_base + (row_ok == 0).to(tl.int32) * (8 // (ptr.dtype.element_ty.primitive_bitwidth // 8))
+    return row_base
+
+
+@triton.jit
 def _fast_div(x, mul, shr):
     """x // d for 0 <= x < 2**31, with (mul, shr) = triton_launch.fast_divisor(d):
     a 32x32->64-bit multiply and a shift (Granlund & Montgomery's division by
@@ -383,14 +405,22 @@ def _small_div(a, b_inv):
 
 
 @triton.jit
-def _flat_tap(it, chunks, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+def _flat_tap(it, chunks, KW: tl.constexpr, BLOCK_K: tl.constexpr, TAPS: tl.constexpr, TAPS_INNER: tl.constexpr):
     """Iteration ``it`` of a flat reduction loop over taps x chunks of
-    BLOCK_K channels: (kh, kw, the chunk's channel offsets). (Counters
+    BLOCK_K channels: (kh, kw, the chunk's channel offsets). Taps outer
+    (each tap's chunks in turn), or with TAPS_INNER chunks outer (a chunk's
+    ``TAPS`` taps in turn: L1_TAPS, whose taps re-read the rows of a chunk
+    while the chunk is still in L1, one step apart instead of ``chunks``). (Counters
     carried by the loop, or _small_div's fp32 division, save ~10-15 of ~430
     instructions a step, but made ptxas serialize the 3x3 forward's wgmmas:
     sm_90, triton 3.6. In the stride-1 dgrad _small_div saved 12 of 195 and
     the 16-channel flat dgrad then measured 2.2x slower in the autotuner's
     trials on the H200, session 8, cause not found: both keep the division.)"""
+    if TAPS_INNER:
+        chunk = it // TAPS  # (a division by a constant)
+        tap = it - chunk * TAPS
+        kh = tap // KW
+        return kh, tap - kh * KW, chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     kh, kw, c0 = _flat_step(it, chunks, KW, BLOCK_K)
     return kh, kw, c0 + tl.arange(0, BLOCK_K)
 
@@ -450,7 +480,7 @@ def conv_fwd_kernel(x_ptr, act_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     FLAT: tl.constexpr, EPILOGUE_FIRST: tl.constexpr = False, WIDE_INDEX: tl.constexpr = False,
                     EVEN_C: tl.constexpr = False, TMA: tl.constexpr = False, W_KC: tl.constexpr = False,
-                    ACT_PASS: tl.constexpr = False):
+                    ACT_PASS: tl.constexpr = False, L1_TAPS: tl.constexpr = False):
     """Implicit-GEMM forward: rows = output pixels (M = N*OH*OW), columns =
     output channels (K), reduction = KH*KW taps x C input channels. The
     weight [K, C, KH, KW] is read through its strides (sw*): nn.Conv2d's own
@@ -500,7 +530,13 @@ def conv_fwd_kernel(x_ptr, act_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
     once, and the loop is the dgrad's (which ran 1.2-1.8x faster than this
     forward on the same shapes with long reductions: benchmarks/RESULTS.md,
     session 12). An autotuning candidate whose trials include the pass
-    (triton_launch: the config's pre_hook); x itself is what the op saves."""
+    (triton_launch: the config's pre_hook); x itself is what the op saves.
+
+    L1_TAPS (pointer forms, several taps): the taps' input tiles copied
+    through L1 (``_rows_through_l1``), where the taps that re-read a row
+    may find it, instead of all from L2 (the sooner, the likelier: with
+    one chunk of channels, ResNet-v2-50's first 3x3 layer, a tap's rows
+    were read one to three steps before)."""
     pid_m, pid_n = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     src_ptr = act_ptr if ACT_PASS else x_ptr  # what the pointer forms' reduction loop reads
 
@@ -552,11 +588,13 @@ def conv_fwd_kernel(x_ptr, act_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
         chunks = tl.cdiv(C, BLOCK_K)
         tl.assume(KH * KW * chunks > 0)
         for it in range(0, KH * KW * chunks):
-            kh, kw, offs_c = _flat_tap(it, chunks, KW, BLOCK_K)
+            # (taps outer even with L1_TAPS: with a chunk's taps in turn ptxas
+            # serializes this loop's wgmmas, its note C7515; sm_90, triton 3.6)
+            kh, kw, offs_c = _flat_tap(it, chunks, KW, BLOCK_K, KH * KW, False)
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row_base = n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX)
+            row_base = _rows_through_l1(n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX), row_ok, src_ptr, L1_TAPS)
             acc = _fwd_mma(acc, src_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww,
                            offs_c, offs_n, mask_n, C, sxc, swc, swk, DOT_DTYPE, IS_FP64, INPUT_PRECISION, WIDE_INDEX,
                            EVEN_C, ACT_PASS)
@@ -568,7 +606,8 @@ def conv_fwd_kernel(x_ptr, act_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
             for kw in tl.static_range(KW):
                 iw = ow * STRIDE - PAD + kw
                 row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                row_base = n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX)
+                row_base = _rows_through_l1(n * sxn + _idx(ih * sxh + iw * sxw, WIDE_INDEX), row_ok, src_ptr,
+                                            L1_TAPS)
                 w_tap = w_ptr + kh * swh + kw * sww
                 for c0 in range(0, C, BLOCK_K):
                     acc = _fwd_mma(acc, src_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_tap,
@@ -616,7 +655,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                       FLAT: tl.constexpr, PARITY: tl.constexpr = False, EPILOGUE_FIRST: tl.constexpr = False,
                       WIDE_INDEX: tl.constexpr = False, EVEN_K: tl.constexpr = False,
                       FINALIZE: tl.constexpr = False, TRAINING: tl.constexpr = True, BLOCK_T: tl.constexpr = 16,
-                      TMA: tl.constexpr = False):
+                      TMA: tl.constexpr = False, L1_TAPS: tl.constexpr = False):
     """ga[n, h, w, c] = sum over taps and output channels of gy * W: rows =
     input pixels (M = N*H*W), columns = input channels C, reduction = taps x
     K. A tap reaches output pixel ((h + PAD - kh)/STRIDE, ...) when that is an
@@ -647,7 +686,12 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
     - kw) of gy's [M, K] matrix, rows crossing a border zeroed in registers
     (none for 1x1: its tiles go from shared memory to the MMA as loaded);
     the weight packed [KH*KW*K, C] (C contiguous; a 1x1 one as nn.Conv2d's
-    [K, C]), in gy's dtype."""
+    [K, C]), in gy's dtype.
+    L1_TAPS (the pointer forms' loops without PARITY, several taps): gy's
+    tap tiles copied through L1, as conv_fwd_kernel's L1_TAPS; the flat
+    loop then takes a chunk's taps in turn (``_flat_tap``'s TAPS_INNER:
+    a row re-read one step after it was read, where with taps outer and
+    8 chunks of 64 channels, ResNet-v2-50's last stage, 8 steps after)."""
     tl.assume(K > 0)  # the reduction runs (see conv_fwd_kernel)
     if PARITY:
         cls = tl.program_id(1)
@@ -734,14 +778,14 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
         chunks = tl.cdiv(K, BLOCK_K)
         tl.assume(KH * KW * chunks > 0)
         for it in range(0, KH * KW * chunks):
-            kh, kw, offs_k = _flat_tap(it, chunks, KW, BLOCK_K)
+            kh, kw, offs_k = _flat_tap(it, chunks, KW, BLOCK_K, KH * KW, L1_TAPS)
             th = h + PAD - kh
             oh = th // STRIDE
             tw = w + PAD - kw
             ow = tw // STRIDE
             row_ok = (mask_m & (th >= 0) & (th == oh * STRIDE) & (oh < OH) & (tw >= 0) & (tw == ow * STRIDE)
                       & (ow < OW))
-            row_base = n * sgn + _idx(oh * sgh + ow * sgw, WIDE_INDEX)
+            row_base = _rows_through_l1(n * sgn + _idx(oh * sgh + ow * sgw, WIDE_INDEX), row_ok, gy_ptr, L1_TAPS)
             acc = _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_ptr + kh * swh + kw * sww, offs_k, offs_n, mask_n, K,
                              sgc, swk, swc, DOT_DTYPE, INPUT_PRECISION, WIDE_INDEX, EVEN_K)
     else:
@@ -753,7 +797,8 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                 tw = w + PAD - kw
                 ow = tw // STRIDE
                 row_ok = mask_m & h_ok & (tw >= 0) & (tw == ow * STRIDE) & (ow < OW)
-                row_base = n * sgn + _idx(oh * sgh + ow * sgw, WIDE_INDEX)
+                row_base = _rows_through_l1(n * sgn + _idx(oh * sgh + ow * sgw, WIDE_INDEX), row_ok, gy_ptr,
+                                            L1_TAPS)
                 w_tap = w_ptr + kh * swh + kw * sww
                 for k0 in range(0, K, BLOCK_K):
                     acc = _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_tap, k0 + tl.arange(0, BLOCK_K), offs_n,

@@ -496,6 +496,18 @@ WGRAD_CHANNEL_ROWS: Optional[bool] = None
 # interpreter: the tests); False = never.
 # The temporary lives for the one launch (x is what the op saves).
 ACT_PASS: Optional[bool] = None if os.environ.get("FUSED_PREACT_ACT_PASS", "0") == "1" else False
+# The forward's and dgrad's tap tiles copied through L1 (the kernels'
+# L1_TAPS, triton_kernels._rows_through_l1: 8-byte cp.async.ca instead of
+# 16-byte cp.async.cg, which bypasses L1) where the conv has several taps
+# (the forward's pointer forms, the dgrad's loops outside the parity
+# classes). The nine taps of a stride-1 3x3 conv re-read each input row
+# nine times, all from L2 with 16-byte copies; cuDNN's kernels for
+# ResNet-v2-50's first 3x3 layer ran 3x faster than ours on the H200
+# (fprop 36.7 us against 108), which at our tile sizes would take ~8 TB/s
+# of L2 if nothing were reused on chip (benchmarks/RESULTS.md, session
+# 13). OFF until timed on a GPU: env FUSED_PREACT_L1_TAPS=1 (every such
+# launch; the autotuner then picks among configs with it), True in tests.
+L1_TAPS: bool = os.environ.get("FUSED_PREACT_L1_TAPS", "0") == "1"
 # (64: ResNet-v2-50's first-stage 3x3 layer, whose weight gradient took
 # 132 us on the H200 for a loop of 64x64 tiles that is mostly activation;
 # ResNet-164's third stage, where the pass's launch should lose its trials.)
@@ -1140,7 +1152,7 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
                      *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
                      KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
                      DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=_wide_index(x, w_gemm, res, y),
-                     W_KC=bool(w_kc), even=("EVEN_C", c))
+                     W_KC=bool(w_kc), L1_TAPS=L1_TAPS and kh * kw > 1, even=("EVEN_C", c))
     return y, stats
 
 
@@ -1202,7 +1214,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
                          INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=_wide_index(grad_y, w_gemm, x, gz),
                          FINALIZE=counters is not None, TRAINING=training, BLOCK_T=TAIL_T_DGRAD,
-                         even=("EVEN_K", k_out))
+                         L1_TAPS=L1_TAPS and kh * kw > 1 and not parity, even=("EVEN_K", k_out))
             if counters is None:
                 merge_c = _pow2(c, 16, MERGE_C)
                 _run("bn_backward_finalize_kernel", (_cdiv(c, merge_c),),

@@ -598,6 +598,52 @@ def test_gemms_reading_an_activation_pass(monkeypatch, shape, beta_offset, ksize
         _check_ratio_rule(inp, stride, pad)
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["unrolled", "flat"])
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (3, 2)])
+@pytest.mark.parametrize("shape, beta_offset", [((2, 8, 5, 7, 16), 1.0), ((1, 40, 6, 5, 24), 1.0),
+                                                ((2, 8, 4, 4, 8), 30.0)],
+                         ids=["odd", "chunks", "large-beta"])
+def test_gemms_copying_taps_through_l1(monkeypatch, shape, beta_offset, ksize, stride, flat):
+    """The forward and dgrad with their taps' tiles copied through L1
+    (L1_TAPS, forced: the rows that are not loaded get offsets shifted by 8
+    bytes, triton_kernels._rows_through_l1): output, every gradient and the
+    running statistics against the reference, residual included; padding
+    taps must still read zero (beta + 30), odd sizes, channel tails, both
+    loop forms, stride 2 (the dgrad outside its parity classes: those
+    loops have no L1_TAPS), channels_last and NCHW; and a check that both
+    GEMMs ran in that form. (That the copies then go through L1 is a
+    compile property: tests/test_triton_aot.py.)"""
+    monkeypatch.setattr(triton_launch, "L1_TAPS", True)
+    monkeypatch.setattr(triton_launch, "FLAT_LOOP", flat)
+    monkeypatch.setattr(triton_launch, "DGRAD_PARITY", False)
+    seen = {kernel: _record_constexprs(monkeypatch, kernel) for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel")}
+    n, c, h, w, k = shape
+    for layout in ("channels_last", "nchw"):
+        inp, pad = _inputs(n, c, h, w, k, ksize, stride, REF_DTYPE, layout, True, beta_offset=beta_offset)
+        _compare(inp, True, stride, pad, REF_DTYPE)
+    for kernel, launches in seen.items():
+        assert launches and all(kwargs["L1_TAPS"] for kwargs, _ in launches), kernel
+    if DEVICE == "cuda":  # and in bf16, where the copies are 8 bytes instead of 16
+        inp, pad = _inputs(n, c, h, w, k, ksize, stride, torch.bfloat16, "channels_last", True,
+                           beta_offset=beta_offset)
+        _check_ratio_rule(inp, stride, pad)
+
+
+def test_l1_taps_only_where_there_are_taps(monkeypatch):
+    """L1_TAPS is asked of the 3x3 GEMMs only: a 1x1 conv has one tap (no
+    re-read for L1 to serve), and the dgrad's parity classes (stride 2) have
+    their own loop."""
+    monkeypatch.setattr(triton_launch, "L1_TAPS", True)
+    seen = {kernel: _record_constexprs(monkeypatch, kernel) for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel")}
+    for ksize, stride, expected in ((1, 1, False), (3, 2, False)):
+        for launches in seen.values():
+            launches.clear()
+        inp, pad = _inputs(1, 8, 4, 4, 8, ksize, stride, REF_DTYPE, "channels_last", False)
+        _run("triton", inp, True, stride, pad)
+        assert [kw["L1_TAPS"] for kw, _ in seen["conv_fwd_kernel"]] == [ksize > 1]
+        assert [kw["L1_TAPS"] for kw, _ in seen["conv_dgrad_kernel"]] == [expected]
+
+
 def test_activation_pass_against_the_reference():
     """activation_pass_kernel: relu(x*scale + shift) rounded once to x's
     dtype, laid out as x (channels_last and NCHW), with negative scales,

@@ -86,3 +86,37 @@ def test_serialized_mode_still_fails_on_compile_failures():
            "ptxas serializes the wgmmas (C7515): k", "no wgmma: k"]
     assert failing(bad, "serialized") == bad[0:1] + bad[2:3]
     assert failing(bad, "all") == bad and failing(bad[1:2], "serialized") == []
+
+
+def test_l1_taps_copy_the_tiles_through_l1():
+    """L1_TAPS (triton_kernels._rows_through_l1) changes how the dgrad's
+    stride-1 3x3 tap tiles are copied, compiled for sm_90 (no GPU needed):
+    16-byte ``cp.async.cg`` copies (L2 only) without it, none with it (the
+    compiler falls back to 8-byte ``cp.async.ca``, cached in L1), the
+    weight's copies being 8-byte ones in both at this 16-column tile."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # In a process of its own: the test session runs the kernels under the
+    # interpreter (tests/conftest.py), which cannot compile them.
+    child = r"""
+import json, re, sys
+from fused_preact import triton_aot
+counts = {}
+for variant in ("3x3/s1", "3x3/s1,l1"):
+    job = next(j for j in triton_aot._jobs(["bfloat16"], False)
+               if j[0] == "conv_dgrad_kernel" and j[2] == variant
+               and j[3]["BLOCK_N"] == 16 and j[3]["BLOCK_K"] == 16 and not j[3]["FLAT"])
+    ptx = triton_aot.compile_ptx(90, job)
+    counts[variant] = {kind: len(re.findall(r"cp\.async\." + kind + r"\.shared\.global", ptx)) for kind in ("cg", "ca")}
+print(json.dumps(counts))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    plain, l1 = counts["3x3/s1"], counts["3x3/s1,l1"]
+    assert plain["cg"] > 0 and plain["ca"] > 0, plain
+    assert l1["cg"] == 0 and l1["ca"] > plain["ca"], l1
