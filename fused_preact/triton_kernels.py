@@ -95,9 +95,7 @@ def _rows_through_l1(row_base, row_ok, ptr, L1_TAPS: tl.constexpr):
     copies 8 bytes at a time through L1, where the other taps' copies can
     hit. The shifted offsets are never dereferenced (those rows are
     masked), so the values loaded are the same; twice the copy
-    instructions for the tile. (Written as a product: ``tl.multiple_of``
-    does not lower a known alignment, and ``tl.where(row_ok, 0, 4)`` gave
-    8-byte copies with triton 3.6 but 2-byte scalar loads with 3.8.)"""
+    instructions for the tile."""
     if L1_TAPS:
         row_base = row_base + (row_ok == 0).to(tl.int32) * (8 // (ptr.dtype.element_ty.primitive_bitwidth // 8))
     return row_base

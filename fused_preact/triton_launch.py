@@ -507,6 +507,9 @@ ACT_PASS: Optional[bool] = None if os.environ.get("FUSED_PREACT_ACT_PASS", "0") 
 # of L2 if nothing were reused on chip (benchmarks/RESULTS.md, session
 # 13). OFF until timed on a GPU: env FUSED_PREACT_L1_TAPS=1 (every such
 # launch; the autotuner then picks among configs with it), True in tests.
+# (The kernels write the shift as a product: tl.multiple_of does not lower
+# a known alignment, and tl.where(row_ok, 0, 4) gave 8-byte copies with
+# triton 3.6 but 2-byte scalar loads with 3.8.)
 L1_TAPS: bool = os.environ.get("FUSED_PREACT_L1_TAPS", "0") == "1"
 # (64: ResNet-v2-50's first-stage 3x3 layer, whose weight gradient took
 # 132 us on the H200 for a loop of 64x64 tiles that is mostly activation;
