@@ -1145,6 +1145,20 @@ def test_gradcheck_float64_through_an_activation_pass(monkeypatch, ksize, stride
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
                     "gradcheck runs under the interpreter (CI)")
+def test_gradcheck_float64_copying_taps_through_l1(monkeypatch):
+    """gradcheck with the 3x3 forward and dgrad copying their taps' tiles
+    through L1 (L1_TAPS, forced; the dgrad's flat loop, a chunk's taps in
+    turn), residual gradient included, and a check that both ran in that form."""
+    monkeypatch.setattr(triton_launch, "L1_TAPS", True)
+    monkeypatch.setattr(triton_launch, "FLAT_LOOP", True)
+    seen = {kernel: _record_constexprs(monkeypatch, kernel) for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel")}
+    _gradcheck_small_unit(3, 1)
+    for kernel, launches in seen.items():
+        assert launches and all(kwargs["L1_TAPS"] for kwargs, _ in launches), kernel
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
+                    "gradcheck runs under the interpreter (CI)")
 @pytest.mark.parametrize("ksize", [3, 1])
 def test_gradcheck_float64_through_tma_descriptors(monkeypatch, ksize):
     """gradcheck with the forward, dgrad and weight gradient reading through
