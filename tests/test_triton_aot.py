@@ -93,7 +93,7 @@ def test_l1_taps_copy_the_tiles_through_l1():
     stride-1 3x3 tap tiles are copied, compiled for sm_90 (no GPU needed):
     16-byte ``cp.async.cg`` copies (L2 only) without it, none with it (the
     compiler falls back to 8-byte ``cp.async.ca``, cached in L1), the
-    weight's copies being 8-byte ones in both at this 16-column tile."""
+    weight's copies being smaller ones (``.ca``) in both at this 16-column tile."""
     import json
     import os
     import subprocess
