@@ -34,7 +34,8 @@ TESTS=${TESTS:-"test_backward_finalize_in_the_dgrads_last_programs test_batch_co
   test_tails_decline_what_one_program_should_not_sum test_statistics_finalized_in_their_last_programs
   test_tails_agree_over_many_launches test_stride_2_dgrad_in_parity_classes
   test_gemms_reading_an_activation_pass test_activation_pass_against_the_reference
-  test_gemms_copying_taps_through_l1 test_l1_taps_only_where_there_are_taps"}
+  test_gemms_copying_taps_through_l1 test_l1_taps_only_where_there_are_taps
+  test_gemms_held_to_two_programs_an_sm"}
 NODES=()
 for name in $TESTS; do NODES+=("tests/test_triton.py::$name"); done
 

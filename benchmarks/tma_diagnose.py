@@ -53,7 +53,7 @@ def run_case(kernel: str, ksize: int, dtype: torch.dtype, device: str = "cuda", 
 
     def spy(name, grid, args, kwargs, config_key=None):  # which form each launch took
         if name == kernel_name:
-            taken.append(bool(kwargs.get("TMA")) or bool(config_key and config_key[-2]))  # (keys end: tma, only, act)
+            taken.append(bool(kwargs.get("TMA")) or bool(config_key and config_key[-4]))  # (keys end: tma, only, act, ...)
         return launch(name, grid, args, kwargs, config_key)
 
     L._launch = spy

@@ -271,7 +271,8 @@ def _configs(kernel: str, all_configs: bool):
             wide = kernel == "conv_fwd_kernel"
             tma = "forward" if wide else "dgrad"
             configs = (L._gemm_configs(L.ROWS_GPU, cols, red, taps=9, small_grid=True, wide=wide, tma=tma,
-                                       act_pass=int(wide and red >= L.ACT_PASS_CHANNELS))
+                                       act_pass=int(wide and red >= L.ACT_PASS_CHANNELS),
+                                       two_per_sm=3 if wide else 4)
                        + L._gemm_configs(L.ROWS_GPU, cols, red, taps=1, small_grid=True, epilogue_tile=True,
                                          wide=wide, epilogue_heavy=kernel == "conv_dgrad_kernel", tma=tma,
                                          act_pass=int(wide and red >= L.ACT_PASS_CHANNELS
@@ -374,6 +375,12 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True)
                                 and (all_configs or (not first_only and (short or heaviest))))
                     else:
                         take = all_configs or j == 0 or (not first_only and (short if first else heaviest))
+                        if cfg.maxnreg and cfg.kwargs["FLAT"]:
+                            # the two-per-SM twins (triton_launch._two_per_sm_configs): the
+                            # flat 3x3 loops only, never launched with a weight read as it is,
+                            # 64-bit offsets or the stride-2 dgrad's parity classes
+                            take = take and variant.startswith("3x3") and not constexprs.get("PARITY") and not any(
+                                tag in variant for tag in (",w-nchw", ",w-nhwc", ",i64"))
                     if take:
                         limit = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
                         jobs.append((kernel, dtype, variant, {**constexprs, **cfg.kwargs, **limit}, cfg.num_warps,

@@ -155,7 +155,8 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
                   flat: Optional[bool] = None, small_grid: bool = False, epilogue_tile: bool = False,
                   epilogue_first: Optional[bool] = None, wide: bool = False,
                   wide_only: bool = False, epilogue_heavy: bool = False, tma: str = "",
-                  tma_only: bool = False, act_pass: int = 0) -> list[triton.Config]:
+                  tma_only: bool = False, act_pass: int = 0, two_per_sm: int = 0,
+                  two_per_sm_only: bool = False) -> list[triton.Config]:
     """Forward/dgrad: the tile spans the output channels (up to 128); eight
     warps for wide tiles, where the transformed A tile and the accumulator
     would otherwise exceed the register file (measured with triton_aot).
@@ -193,6 +194,11 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
     read, ``_tma_forward``, ``_tma_dgrad``) adds a few configs with the data
     and the weight read through tensor descriptors (the kernels' TMA);
     ``tma_only`` keeps only those (FWD_TMA, DGRAD_TMA).
+    ``two_per_sm`` (16-bit data; ``_two_per_sm``) adds, after the others,
+    the flat 3x3 loop's 128x64x64 8-warp tiles with up to that many stages
+    again with ``maxnreg=128``, so that two programs share an SM
+    (``_two_per_sm_configs``);
+    ``two_per_sm_only`` keeps only those, where there are any (TWO_PER_SM).
     ``act_pass`` (forward: 1 offered, 2 only; ``_act_pass_buffer``) adds
     configs reading an activation pass's output (ACT_PASS, run by the
     config's pre_hook, so its trials include the pass: ``_act_pass_configs``).
@@ -257,6 +263,11 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
                              maxnreg=c.maxnreg if first else None)
                for first in _forms(epilogue_tile and n_red * taps <= 64 or epilogue_heavy, epilogue_first)
                for c in configs]
+    if two_per_sm and taps > 1:
+        twins = _two_per_sm_configs(configs, two_per_sm)
+        if two_per_sm_only and twins:
+            return twins[:1] if not AUTOTUNE else twins
+        configs += twins
     if wide and n_cols >= 256 and (taps == 1 or flat is not False) and not epilogue_first:
         # (the unrolled 3x3 loop spills with it, and so would an epilogue tile loaded first)
         configs.append(triton.Config({"BLOCK_M": rows_block, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8,
@@ -302,6 +313,55 @@ def _gemm_configs(rows_block: int, n_cols: int, n_red: int, fp64: bool = False, 
             return tma_configs[:1] if not AUTOTUNE else tma_configs
         configs += tma_configs
     return configs[:1] if not AUTOTUNE else configs
+
+
+def _two_per_sm_configs(configs: list[triton.Config], max_stages: int) -> list[triton.Config]:
+    """The flat 3x3 loop's 128x64x64 8-warp configs of ``configs`` with at
+    most ``max_stages`` stages again, told to take at most 128 registers a
+    thread (``maxnreg``), so that two programs share an SM: 2 x 128 x 256
+    registers fill its 64K, and 2 x 72-96 KB of shared memory (the dgrad's 3
+    or 4 stages, the forward's 3: 74 KB with triton 3.6, 89 KB with 3.8)
+    fit its 228 KB.
+
+    Why: Nsight Compute found the large forwards latency-bound at one
+    program per SM (session 8: 24% of issue slots busy, no eligible warp 68%
+    of cycles), and at this tile the flat loops take a few registers more
+    than 128 (sm_90, triton 3.6, the GPU machines' version: the forward
+    138, the dgrad 136; 3.8: 152 and 128), so one program fills an SM and
+    nothing overlaps its pipeline's fill and its epilogue: ResNet-v2-50's
+    first 3x3 layer (64 channels),
+    whose forward and dgrad took 103 and 111 us on the H200 for a 19 us
+    floor (session 11), and the half-width candidates of the smaller grids.
+    Held to 128, ptxas compiles them without spills (bf16, sm_90, triton
+    3.6 and 3.8, every variant: ``triton_aot``), 5-30 more instructions a
+    step, except where ``_two_per_sm`` does not offer them: with a small
+    3x3 weight read as it is, in fp32 (ResNet-164's; 3.6: the forward
+    spills 32-56 bytes, the dgrad 8) and with 64-bit offsets (3.6: the
+    dgrad 8). Not the forward's 4 stages (3.6 spills 8-16 bytes in some
+    variants, and with 3.8's 114 KB two would not fit), nor 128x128x64
+    tiles (at 128 registers the dgrad's spill 472 bytes, the forward's 8-24;
+    the forward's 32-wide 4-stage 128x128 tile already takes 128 registers
+    and 66 KB: two an SM).
+    After the other candidates (FUSED_PREACT_TRITON_AUTOTUNE=0 keeps the
+    first config); the autotuner's trials decide."""
+    return [triton.Config(dict(c.kwargs), num_warps=8, num_stages=c.num_stages, maxnreg=128) for c in configs
+            if c.kwargs.get("FLAT") and not c.kwargs.get("TMA") and not c.kwargs.get("ACT_PASS")
+            and c.num_warps == 8 and c.maxnreg is None and c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 64
+            and c.num_stages <= max_stages]
+
+
+def _two_per_sm(max_stages: int, x: Tensor, weight: Tensor, dense_axis: int, wide_index: bool) -> tuple[int, bool]:
+    """_gemm_configs' (two_per_sm, two_per_sm_only) for a forward (3
+    stages) or dgrad (4) of ``x`` with the GEMM's ``weight``: offered for
+    16-bit data (TWO_PER_SM), with the weight packed (in x's dtype, its
+    ``dense_axis`` innermost: the forward's K, the dgrad's C; not a small
+    3x3 one read as it is, in fp32) and 32-bit offsets: the specializations
+    that ``triton_aot`` checks compile without spills, which the others may
+    not (``_two_per_sm_configs``)."""
+    if (TWO_PER_SM is False or x.element_size() != 2 or weight.dtype != x.dtype
+            or weight.stride(dense_axis) != 1 or wide_index):
+        return 0, False
+    return max_stages, bool(TWO_PER_SM)
 
 
 # Programs that keep a GPU busy: two per SM of an H100/H200.
@@ -456,6 +516,12 @@ EPILOGUE_FIRST_LOAD: Optional[bool] = None
 # True = only that tile where it is offered (and under the interpreter, any
 # dtype), False = never (tests).
 FWD_WIDE_TILE: Optional[bool] = None
+# The flat 3x3 forward's and dgrad's tiles held to 128 registers, two
+# programs an SM (_two_per_sm_configs): None = autotuning candidates (GPU,
+# 16-bit data; the same kernels, only a register limit for ptxas, which
+# compiles them without spills: triton_aot), True = only those where they
+# are offered (the GPU tests), False = never (env FUSED_PREACT_TWO_PER_SM=0).
+TWO_PER_SM: Optional[bool] = None if os.environ.get("FUSED_PREACT_TWO_PER_SM", "1") != "0" else False
 # The GEMMs reading their operands through TMA descriptors (the kernels'
 # TMA) are OFF by default: on an H200 (session 11) most of the tests that
 # force them failed (tests/test_triton.py::test_gemms_through_tma_descriptors;
@@ -1143,10 +1209,12 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
                 and FWD_WIDE_TILE is not False)
         tma = w_kc is not None
         act_mode, act = _act_pass_buffer(x, kh * kw, k_out) if not (tma and FWD_TMA) else (0, x)
+        wide_index = _wide_index(x, w_gemm, res, y)
         _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
                                                _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
                                                EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE), False,
-                                               "forward" if tma else "", tma and bool(FWD_TMA), act_mode),
+                                               "forward" if tma else "", tma and bool(FWD_TMA), act_mode,
+                                               *_two_per_sm(3, x, w_gemm, 0, wide_index)),
                      {"BLOCK_M": rows, "BLOCK_N": 256 if FWD_WIDE_TILE else _pow2(k_out, 16, 32),
                       "BLOCK_K": _pow2(c, 16, 16), "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1,
                       "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(FWD_TMA),
@@ -1154,7 +1222,7 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
                      x, act, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
                      *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
                      KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
-                     DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=_wide_index(x, w_gemm, res, y),
+                     DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=wide_index,
                      W_KC=bool(w_kc), L1_TAPS=L1_TAPS and kh * kw > 1, even=("EVEN_C", c))
     return y, stats
 
@@ -1204,10 +1272,12 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
             # The finalize in the dgrad's last programs, unless sync_bn
             # all-reduces the sums first (the widest column tile counted).
             counters = None if sync else _tail_counters(x.device, tiles, TAIL_T_DGRAD, _cdiv(c, 16))
+            wide_index = _wide_index(grad_y, w_gemm, x, gz)
             _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, 1 if parity else kh * kw,
                                                      FLAT_LOOP, _small_grid(tiles, c), kh * kw == 1,
                                                      EPILOGUE_FIRST_LOAD, False, False, heavy,
-                                                     "dgrad" if tma else "", tma and bool(DGRAD_TMA), 0),
+                                                     "dgrad" if tma else "", tma and bool(DGRAD_TMA), 0,
+                                                     *_two_per_sm(4, x, w_gemm, 1, wide_index)),
                          {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
                           "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity,
                           "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(DGRAD_TMA)},
@@ -1215,7 +1285,7 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
                          counters if counters is not None else out, out,
                          m, c, k_out, h, w, oh, ow, tiles, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
                          STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
-                         INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=_wide_index(grad_y, w_gemm, x, gz),
+                         INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=wide_index,
                          FINALIZE=counters is not None, TRAINING=training, BLOCK_T=TAIL_T_DGRAD,
                          L1_TAPS=L1_TAPS and kh * kw > 1 and not parity, even=("EVEN_K", k_out))
             if counters is None:

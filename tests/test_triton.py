@@ -269,6 +269,93 @@ def test_small_grids_get_narrow_two_per_sm_candidates(monkeypatch, small_grid):
     assert triton_launch._small_grid(25, 512) and not triton_launch._small_grid(392, 128)  # ResNet-v2-50 s4, s2
 
 
+@pytest.mark.parametrize("max_stages", [3, 4], ids=["forward", "dgrad"])
+def test_two_per_sm_twins_of_the_flat_half_tiles(monkeypatch, max_stages):
+    """_gemm_configs' two_per_sm: the flat 3x3 loop's 128x64x64 8-warp
+    configs (up to ``max_stages`` stages: the forward's 3, the dgrad's 4)
+    come again, held to 128 registers, after every other candidate, which
+    are those without two_per_sm (so FUSED_PREACT_TRITON_AUTOTUNE=0 keeps
+    the same first config); 64 channels (full width) and 512 (the half
+    tiles of small grids); none for 1x1, nor for 16-channel tiles;
+    two_per_sm_only keeps only the twins."""
+    monkeypatch.setattr(triton_launch, "AUTOTUNE", True)
+    rows = triton_launch.ROWS_GPU
+    for cols, stages in ((64, {3, 4}), (512, {3})):
+        plain = triton_launch._gemm_configs(rows, cols, cols, taps=9, small_grid=True)
+        both = triton_launch._gemm_configs(rows, cols, cols, taps=9, small_grid=True, two_per_sm=max_stages)
+        twins = both[len(plain):]
+        assert [str(c) for c in both[:len(plain)]] == [str(c) for c in plain]
+        assert {c.num_stages for c in twins} == {s for s in stages if s <= max_stages}
+        for twin in twins:
+            assert twin.maxnreg == 128 and twin.num_warps == 8 and twin.kwargs["FLAT"]
+            assert (twin.kwargs["BLOCK_M"], twin.kwargs["BLOCK_N"], twin.kwargs["BLOCK_K"]) == (128, 64, 64)
+            assert any(str(c).replace("maxnreg: None", "maxnreg: 128") == str(twin) for c in plain)  # a twin
+        only = triton_launch._gemm_configs(rows, cols, cols, taps=9, small_grid=True, two_per_sm=max_stages,
+                                           two_per_sm_only=True)
+        assert [str(c) for c in only] == [str(c) for c in twins]
+    assert not [c for c in triton_launch._gemm_configs(rows, 64, 64, taps=1, two_per_sm=4) if c.maxnreg]
+    assert not [c for c in triton_launch._gemm_configs(rows, 16, 16, taps=9, two_per_sm=4) if c.maxnreg]
+    monkeypatch.setattr(triton_launch, "AUTOTUNE", False)
+    first = triton_launch._gemm_configs(rows, 64, 64, taps=9, two_per_sm=max_stages)
+    assert len(first) == 1 and first[0].maxnreg is None
+
+
+def test_two_per_sm_offered_where_the_twins_compile_without_spills(monkeypatch):
+    """The launchers offer the twins (_two_per_sm) for 16-bit data with the
+    weight packed (in the data's dtype, the GEMM's output axis innermost)
+    and 32-bit offsets: not for fp32 data, a small 3x3 weight read as it is
+    (fp32, or another layout) or 64-bit offsets, where they may spill
+    (triton_launch._two_per_sm_configs); TWO_PER_SM False withdraws them,
+    True keeps only them. Then the launchers' config keys: a fp32 unit asks
+    for none."""
+    bf16 = torch.empty(2, 8, 4, 4, dtype=torch.bfloat16, device="meta")
+    fwd_packed = torch.empty(3, 3, 8, 8, dtype=torch.bfloat16, device="meta").permute(3, 2, 0, 1)  # K innermost
+    dgrad_packed = torch.empty(3, 3, 8, 8, dtype=torch.bfloat16, device="meta").permute(2, 3, 0, 1)  # C innermost
+    assert triton_launch._two_per_sm(3, bf16, fwd_packed, 0, False) == (3, False)
+    assert triton_launch._two_per_sm(4, bf16, dgrad_packed, 1, False) == (4, False)
+    assert triton_launch._two_per_sm(4, bf16.half(), dgrad_packed.half(), 1, False) == (4, False)
+    assert triton_launch._two_per_sm(3, bf16, fwd_packed.float(), 0, False) == (0, False)  # fp32, as it is
+    assert triton_launch._two_per_sm(3, bf16, dgrad_packed, 0, False) == (0, False)  # another layout
+    assert triton_launch._two_per_sm(4, bf16, dgrad_packed, 1, True) == (0, False)  # 64-bit offsets
+    assert triton_launch._two_per_sm(4, bf16.float(), dgrad_packed.float(), 1, False) == (0, False)
+    monkeypatch.setattr(triton_launch, "TWO_PER_SM", True)
+    assert triton_launch._two_per_sm(4, bf16, dgrad_packed, 1, False) == (4, True)
+    monkeypatch.setattr(triton_launch, "TWO_PER_SM", False)
+    assert triton_launch._two_per_sm(4, bf16, dgrad_packed, 1, False) == (0, False)
+    monkeypatch.setattr(triton_launch, "TWO_PER_SM", None)
+    keys, original = [], triton_launch._launch_gemm
+
+    def recording(name, grid, config_key, *args, **kwargs):
+        if name != "conv_wgrad_kernel":  # (its configs are _wgrad_configs)
+            keys.append((name, config_key))
+        return original(name, grid, config_key, *args, **kwargs)
+
+    monkeypatch.setattr(triton_launch, "_launch_gemm", recording)
+    inp, pad = _inputs(1, 8, 4, 4, 8, 3, 1, torch.float32, "channels_last", False)
+    _run("triton", inp, True, 1, pad)
+    assert {name for name, _ in keys} == {"conv_fwd_kernel", "conv_dgrad_kernel"}
+    assert all(key[-2:] == (0, False) for _, key in keys)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the register limit is the GPU compiler's (16-bit data only)")
+@pytest.mark.parametrize("shape", [(2, 64, 9, 7, 64), (1, 64, 5, 6, 40)], ids=["64-channels", "channel-tail"])
+def test_gemms_held_to_two_programs_an_sm(monkeypatch, shape):
+    """The forward and dgrad in their two-per-SM twins only (TWO_PER_SM
+    forced: the 128x64x64 flat tiles held to 128 registers), bf16, output
+    and every gradient by the ratio rule of DESIGN.md §5, residual
+    included, odd sizes and a channel tail; and a check that both GEMMs
+    asked for the twins only."""
+    monkeypatch.setattr(triton_launch, "TWO_PER_SM", True)
+    monkeypatch.setattr(triton_launch, "SMALL_WEIGHT_READS", 0)  # (the weight packed, as where they are offered)
+    seen = {kernel: _record_constexprs(monkeypatch, kernel) for kernel in ("conv_fwd_kernel", "conv_dgrad_kernel")}
+    n, c, h, w, k = shape
+    inp, pad = _inputs(n, c, h, w, k, 3, 1, torch.bfloat16, "channels_last", True)
+    _check_ratio_rule(inp, 1, pad)
+    for kernel, launches in seen.items():
+        assert launches and all(key[-2:] == ({"conv_fwd_kernel": 3}.get(kernel, 4), True)
+                                for _, key in launches), kernel
+
+
 @pytest.mark.parametrize("channel_rows", [True, False], ids=["a^T.gy", "gy^T.a"])
 @pytest.mark.parametrize("weight_format", LAYOUTS)
 @pytest.mark.parametrize("ksize, stride", [(3, 1), (3, 2), (1, 1)])
@@ -564,7 +651,7 @@ def test_gemms_through_tma_descriptors(monkeypatch, kernel, shape, beta_offset, 
         if triton_launch.INTERPRET:
             assert kwargs["TMA"]
         else:
-            assert config_key[-3] and config_key[-2], "TMA candidates only"  # (the keys end: tma, only, act)
+            assert config_key[-5] and config_key[-4], "TMA candidates only"  # (keys: ..., tma, only, act, two_per_sm, only)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
@@ -592,7 +679,7 @@ def test_gemms_reading_an_activation_pass(monkeypatch, shape, beta_offset, ksize
             if triton_launch.INTERPRET:
                 assert kwargs["ACT_PASS"], kernel
             else:
-                assert config_key[-1] == 2, "ACT_PASS candidates only"
+                assert config_key[-3] == 2, "ACT_PASS candidates only"
     if DEVICE == "cuda":  # and in bf16, the dtype it is offered for
         inp, pad = _inputs(n, c, h, w, k, ksize, stride, torch.bfloat16, layout, True, beta_offset=beta_offset)
         _check_ratio_rule(inp, stride, pad)
