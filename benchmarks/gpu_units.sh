@@ -35,7 +35,8 @@ TESTS=${TESTS:-"test_backward_finalize_in_the_dgrads_last_programs test_batch_co
   test_tails_agree_over_many_launches test_stride_2_dgrad_in_parity_classes
   test_gemms_reading_an_activation_pass test_activation_pass_against_the_reference
   test_gemms_copying_taps_through_l1 test_l1_taps_only_where_there_are_taps
-  test_gemms_held_to_two_programs_an_sm"}
+  test_gemms_held_to_two_programs_an_sm test_weight_gradient_one_kernel_row_a_program
+  test_weight_gradient_kernel_rows_only_where_they_apply"}
 NODES=()
 for name in $TESTS; do NODES+=("tests/test_triton.py::$name"); done
 
@@ -59,16 +60,16 @@ wait $WARM
 echo "=== compile: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 cat "$OUT/warm.log" >> "$LOG"; rm -rf "$OUT"/warm*
 # The side-by-side steps' kernels are other specializations (ACT_PASS's
-# candidates, L1_TAPS's constexpr): ~60-110 compiles each, minutes one at a
-# time in the measuring process, so compiled here first, both sets at once
-# in 7 processes each, before anything is timed.
-side_warm() {  # side_warm NAME VARIABLE=1
-  timeout --kill-after=5 150 env "$2" "${BENCH[@]}" --units resnetv2_50 --providers triton \
+# and TAP_ROWS's candidates, L1_TAPS's constexpr): ~60-110 compiles each,
+# minutes one at a time in the measuring process, so compiled here first,
+# both sets at once in 7 processes each, before anything is timed.
+side_warm() {  # side_warm NAME VARIABLE=1 [VARIABLE=1 ...]
+  timeout --kill-after=5 150 env "${@:2}" "${BENCH[@]}" --units resnetv2_50 --providers triton \
     --out "$OUT/warm_$1" --warm-workers 7 --warm-only > "$OUT/warm_$1.log" 2>&1
   echo "=== side-by-side compile $1: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 }
 echo "=== side-by-side compile (limit 150s, at +$(($(date +%s) - T0))s)" | tee -a "$LOG"
-[ "${ACT_SIDE_BY_SIDE:-1}" = 1 ] && side_warm act FUSED_PREACT_ACT_PASS=1 &
+[ "${ACT_SIDE_BY_SIDE:-1}" = 1 ] && side_warm act FUSED_PREACT_ACT_PASS=1 FUSED_PREACT_WGRAD_TAP_ROWS=1 &
 [ "${L1_SIDE_BY_SIDE:-1}" = 1 ] && side_warm l1 FUSED_PREACT_L1_TAPS=1 &
 wait
 cat "$OUT"/warm_*.log >> "$LOG" 2>/dev/null; rm -rf "$OUT"/warm*
@@ -89,10 +90,11 @@ fits() { [ $(($(date +%s) - T0 + $1)) -le "${DEADLINE:-480}" ]; }
   --out "$OUT/kernel_times_resnetv2_50_tma"
 # Side by side (ACT_SIDE_BY_SIDE=1, the default): ResNet-v2-50 with the
 # activation-pass candidates of its forwards and weight gradients offered
-# (session 12; off by default until their GPU tests, in TESTS above, pass;
-# the autotuner's tables time them against the fused forms).
+# (session 12), and the kernel-row weight gradients (TAP_ROWS, session 14;
+# both off by default until their GPU tests, in TESTS above, pass; the
+# autotuner's tables time them against the fused forms and each other).
 [ "${ACT_SIDE_BY_SIDE:-1}" = 1 ] && fits 90 && step kernel_times_resnetv2_50_act_pass 90 \
-  env FUSED_PREACT_ACT_PASS=1 $PY benchmarks/kernel_times.py --providers triton --units resnetv2_50 --steps 10 \
+  env FUSED_PREACT_ACT_PASS=1 FUSED_PREACT_WGRAD_TAP_ROWS=1 $PY benchmarks/kernel_times.py --providers triton --units resnetv2_50 --steps 10 \
   --out "$OUT/kernel_times_resnetv2_50_act_pass"
 # Side by side (L1_SIDE_BY_SIDE=1, the default): ResNet-v2-50 with the 3x3
 # GEMMs' tap tiles copied through L1 (session 13; off by default until timed).

@@ -183,7 +183,8 @@ def _variants(kernel: str, dtype: str):
     works in parity classes (PARITY); with 16-bit data the stride-1 GEMMs
     also read through TMA descriptors (``,tma``: their TMA configs only);
     the stride-1 3x3 forward and dgrad copy their taps' tiles through L1
-    (``,l1``: L1_TAPS, every config)."""
+    (``,l1``: L1_TAPS, every config); the stride-1 3x3 weight gradient takes
+    a kernel row's taps a program (``,rows``: TAP_ROWS, its configs)."""
     import triton.language as tl
 
     from . import triton_launch as L
@@ -241,6 +242,11 @@ def _variants(kernel: str, dtype: str):
                 extra = {"HAS_RESIDUAL": True, "EMIT_STATS": True} if kernel == "conv_fwd_kernel" else {}
                 yield (f"{k}x{k}/s{s}{'+res+stats' if extra else ''}{suffix},act",
                        {**geometry, **common, **weight, **extra, "ACT_PASS": True}, pointers)
+            if k == 3 and s == 1 and kernel == "conv_wgrad_kernel":
+                # a kernel row's three taps a program (TAP_ROWS: its configs only), dense rows or not
+                yield f"{k}x{k}/s{s},rows", {**geometry, **common, **weight, "TAP_ROWS": True}, pointers
+                yield (f"{k}x{k}/s{s},general,rows", {**geometry, **common, **weight, "TAP_ROWS": True,
+                                                      "DENSE_ROWS": False}, pointers)
             if k == 3 and s == 1 and suffix == "" and kernel != "conv_wgrad_kernel":
                 # the taps' tiles copied through L1 (L1_TAPS: 8-byte cp.async.ca; every config)
                 extra = {"HAS_RESIDUAL": True, "EMIT_STATS": True} if kernel == "conv_fwd_kernel" else {}
@@ -265,7 +271,8 @@ def _configs(kernel: str, all_configs: bool):
     seen, defaults = {}, set()
     for cols, red in itertools.product(counts, repeat=2):
         if kernel == "conv_wgrad_kernel":
-            configs = L._wgrad_configs(cols, red, tma=True, act_pass=int(red >= L.ACT_PASS_CHANNELS))
+            configs = L._wgrad_configs(cols, red, tma=True, act_pass=int(red >= L.ACT_PASS_CHANNELS),
+                                       tap_rows=int(red >= 64))
         else:  # every candidate: 3x3 (both loops, half-width tiles) and 1x1 (epilogue loads first),
             # the forward's 256-column tiles, the epilogue-heavy dgrads' forms
             wide = kernel == "conv_fwd_kernel"
@@ -360,6 +367,9 @@ def _jobs(dtypes, all_configs: bool, first_only: bool = False, tma: bool = True)
                             (cfg.kwargs["FLAT"] or cfg.num_stages == 3 and cfg.kwargs["BLOCK_N"] < 256)
                             if variant.startswith("3x3") else not cfg.kwargs["FLAT"]))
                         take = variant.endswith(",act") and bool(cfg.kwargs.get("ACT_PASS")) and loop_ok
+                    elif variant.endswith(",rows") or cfg.kwargs.get("TAP_ROWS"):
+                        # the weight gradient's kernel-row form: its configs with its variants only
+                        take = variant.endswith(",rows") and bool(cfg.kwargs.get("TAP_ROWS"))
                     elif variant.endswith(",tma") or cfg.kwargs.get("TMA"):
                         # every TMA config with the TMA variants, the forward's
                         # with its epilogue's residual and statistics only (the

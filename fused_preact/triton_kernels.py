@@ -869,6 +869,81 @@ def bn_grad_input_kernel(gz_ptr, x_ptr, gx_ptr, scale_ptr, k1_ptr, k0_ptr, M, C,
     tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _wgrad_tap_mma(acc, a_t, gy_ptr, g_rows, h_ok, w, kw: tl.constexpr, PAD: tl.constexpr, OW, sgw, sgc, offs_k,
+                   mask_k, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr):
+    """acc[C, K] += a^T[C, pixels] @ gy[pixels shifted by tap (kh, kw), K]
+    (TAP_ROWS): ``g_rows`` are gy's row offsets of output pixels (n, h + PAD
+    - kh, w) and ``h_ok`` whether that row is on the image; the tap moves
+    them by PAD - kw columns, and the pixels whose output column is off the
+    image load zero."""
+    ow = w + (PAD - kw)
+    ok = h_ok & (ow >= 0) & (ow < OW)
+    g = tl.load(gy_ptr + (g_rows + _idx((PAD - kw) * sgw, WIDE_INDEX))[:, None]
+                + _idx(offs_k, WIDE_INDEX)[None, :] * sgc, mask=ok[:, None] & mask_k[None, :], other=0.0)
+    return tl.dot(a_t, g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _wgrad_tap_rows(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr, M, C, K, H, W, OH, OW, SPLIT,
+                    ohw_mul, ohw_shr, ow_mul, ow_shr, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sps, spk, spc, sph, spw,
+                    STRIDE: tl.constexpr, PAD: tl.constexpr, KW: tl.constexpr, IS_FP64: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHANNEL_ROWS: tl.constexpr,
+                    WIDE_INDEX: tl.constexpr, DENSE_ROWS: tl.constexpr):
+    """conv_wgrad_kernel's TAP_ROWS: the three taps of kernel row kh
+    (program axis 0) over this program's share of the input pixels, one
+    accumulator each; M = N*H*W = N*OH*OW (stride 1, "same" padding: the
+    launcher's reciprocals of OH*OW and OW divide the input pixels too)."""
+    tl.static_assert(KW == 3 and STRIDE == 1 and CHANNEL_ROWS)
+    kh = tl.program_id(0)
+    pid_kc = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    num_pid_c = tl.cdiv(C, BLOCK_K)
+    pid_k = pid_kc // num_pid_c
+    pid_c = pid_kc % num_pid_c
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    chunks = tl.cdiv(M, BLOCK_M)
+    per_split = tl.cdiv(chunks, SPLIT)
+    tl.assume(per_split > 0)  # (wgmma pipelining, see conv_fwd_kernel)
+    acc0 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float64 if IS_FP64 else tl.float32)
+    acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float64 if IS_FP64 else tl.float32)
+    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float64 if IS_FP64 else tl.float32)
+    for i in range(0, per_split):
+        offs_p = (pid_s * per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_p = offs_p < M
+        n = _fast_div(offs_p, ohw_mul, ohw_shr)
+        rem = offs_p - n * (OH * OW)
+        h = _fast_div(rem, ow_mul, ow_shr)
+        w = rem - h * OW
+        oh = h + (PAD - kh)  # the output row of this kernel row's taps
+        h_ok = mask_p & (oh >= 0) & (oh < OH)
+        if DENSE_ROWS:  # pixel p is row p of x, and output pixel (n, oh, w) row p + (PAD - kh) * OW of gy
+            rows = _idx(offs_p, WIDE_INDEX)
+            x_rows = rows * sxw
+            g_rows = (rows + _idx((PAD - kh) * OW, WIDE_INDEX)) * sgw
+        else:
+            n = _idx(n, WIDE_INDEX)
+            x_rows = n * sxn + _idx(h * sxh + w * sxw, WIDE_INDEX)
+            g_rows = n * sgn + _idx(oh * sgh + w * sgw, WIDE_INDEX)
+        a_t = tl.trans(_activated_tile(x_ptr, scale_ptr, shift_ptr, x_rows, mask_p, offs_c, C, sxc, DOT_DTYPE,
+                                       IS_FP64, WIDE_INDEX, False, False))
+        acc0 = _wgrad_tap_mma(acc0, a_t, gy_ptr, g_rows, h_ok, w, 0, PAD, OW, sgw, sgc, offs_k, mask_k, DOT_DTYPE,
+                              INPUT_PRECISION, WIDE_INDEX)
+        acc1 = _wgrad_tap_mma(acc1, a_t, gy_ptr, g_rows, h_ok, w, 1, PAD, OW, sgw, sgc, offs_k, mask_k, DOT_DTYPE,
+                              INPUT_PRECISION, WIDE_INDEX)
+        acc2 = _wgrad_tap_mma(acc2, a_t, gy_ptr, g_rows, h_ok, w, 2, PAD, OW, sgw, sgc, offs_k, mask_k, DOT_DTYPE,
+                              INPUT_PRECISION, WIDE_INDEX)
+    out = part_ptr + pid_s * sps + kh * sph
+    offs = offs_c[:, None] * spc + offs_k[None, :] * spk
+    mask = (offs_c < C)[:, None] & mask_k[None, :]
+    tl.store(out + offs, acc0.to(part_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + spw + offs, acc1.to(part_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + 2 * spw + offs, acc2.to(part_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["ohw_mul", "ohw_shr", "ow_mul", "ow_shr"])
 def conv_wgrad_kernel(x_ptr, act_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                       M, C, K, H, W, OH, OW, SPLIT, ohw_mul, ohw_shr, ow_mul, ow_shr,
@@ -878,7 +953,7 @@ def conv_wgrad_kernel(x_ptr, act_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       CHANNEL_ROWS: tl.constexpr = False, WIDE_INDEX: tl.constexpr = False,
                       DENSE_ROWS: tl.constexpr = False, TMA: tl.constexpr = False,
-                      ACT_PASS: tl.constexpr = False):
+                      ACT_PASS: tl.constexpr = False, TAP_ROWS: tl.constexpr = False):
     """Split-K weight gradient: program (tap, K tile, C tile, split) computes
     gy[rows, K]^T a[rows, C] over its share of the M = N*OH*OW output pixels,
     with a = relu(x*scale + shift) recomputed from x (zero at padding taps),
@@ -914,7 +989,22 @@ def conv_wgrad_kernel(x_ptr, act_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
     ACT_PASS (pointer forms): the activation read from ``act_ptr`` (laid out
     as x), written by activation_pass_kernel just before, as in
     conv_fwd_kernel: the programs (one per tap and K tile) otherwise compute
-    each activation once per tap and K tile."""
+    each activation once per tap and K tile.
+
+    TAP_ROWS (stride 1, "same" padding, 3 taps a kernel row, CHANNEL_ROWS):
+    program (kernel row kh, K tile, C tile, split) computes the gradients of
+    the row's three taps at once (``_wgrad_tap_rows``): its rows are input
+    pixels p, each activated once, and tap (kh, kw) pairs a[p] with gy at
+    the output pixel p + (PAD - kh, PAD - kw) (the same products as the
+    output-pixel order's, which pairs gy[o] with a[o - ...]: a term whose
+    pixel is off the image is zero either way), so the activation, the
+    wgmma's register operand, serves three MMAs instead of one."""
+    if TAP_ROWS:
+        _wgrad_tap_rows(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr, M, C, K, H, W, OH, OW, SPLIT,
+                        ohw_mul, ohw_shr, ow_mul, ow_shr, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sps, spk, spc,
+                        sph, spw, STRIDE, PAD, KW, IS_FP64, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                        CHANNEL_ROWS, WIDE_INDEX, DENSE_ROWS)
+        return
     pid_tap = tl.program_id(0)
     pid_kc = tl.program_id(1)
     pid_s = tl.program_id(2)

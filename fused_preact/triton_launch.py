@@ -395,7 +395,7 @@ def _act_pass_configs(first: triton.Config, long_reduction: bool, taps: bool,
 
 
 def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bool] = None, tma: bool = False,
-                   tma_only: bool = False, act_pass: int = 0) -> list[triton.Config]:
+                   tma_only: bool = False, act_pass: int = 0, tap_rows: int = 0) -> list[triton.Config]:
     """Weight-gradient tiles: K up to 128 by C up to 64, 64 or 128 rows a
     step. Where the C tile is 64 (wgmma's rows) each also comes transposed
     (CHANNEL_ROWS, see conv_wgrad_kernel: the activation as the register
@@ -409,7 +409,17 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
     ``tma_only`` keeps only those (WGRAD_TMA). ``act_pass`` (1 offered, 2
     only; ``_act_pass_buffer``) adds the 64-row tile in each order reading an
     activation pass's output (ACT_PASS; the pass is the config's pre_hook,
-    so the trials time it too)."""
+    so the trials time it too). ``tap_rows`` (1 offered, 2 only;
+    ``_wgrad_tap_rows_mode``) adds the kernel-row form (TAP_ROWS: a
+    program's three taps at once, each activation serving three MMAs),
+    transposed, 64x64 tiles, 64 pixels a step in four warps (sm_90, triton
+    3.6: 198 registers, 94 KB, 607 instructions a step for three MMAs,
+    where the one-tap form takes 419 for one) and 128 in eight (166
+    registers, 188 KB, 693 for three 128-row MMAs)."""
+    if tap_rows == 2:  # only that form: the four-warp config (fp64, for checks: narrow tiles, 2 stages)
+        return [triton.Config({"BLOCK_M": 16 if fp64 else 64, "BLOCK_N": _pow2(k, 16, 32 if fp64 else 64),
+                               "BLOCK_K": _pow2(c, 16, 32 if fp64 else 64), "CHANNEL_ROWS": True, "TAP_ROWS": True},
+                              num_warps=4, num_stages=2 if fp64 else 3)]
     if fp64:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
                                "CHANNEL_ROWS": bool(channel_rows)}, num_warps=4, num_stages=2)]
@@ -437,17 +447,41 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
         if act_pass == 2:
             return act_configs[:1] if not AUTOTUNE else act_configs
         configs += act_configs
+    if tap_rows:
+        tap_configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": _pow2(k, 16, 64), "BLOCK_K": bk, "CHANNEL_ROWS": True,
+                                      "TAP_ROWS": True}, num_warps=warps, num_stages=3)
+                       for bm, warps in ((64, 4), (128, 8))]
+        configs += tap_configs
     return configs[:1] if not AUTOTUNE else configs
 
 
-def _wgrad_split(m: int, k: int, c: int, taps: int) -> int:
+def _wgrad_split(m: int, k: int, c: int, taps: int, kernel_rows: int = 0) -> int:
     """Splits of the weight gradient's M rows, at least 512 rows each: enough
     programs to fill a GPU, three times that for 3x3 layers narrower than 64
     channels, whose programs do little work per row tile (ResNet-164's first
-    3x3 wgrad: 88 splits instead of 30; see benchmarks/RESULTS.md, session 5)."""
+    3x3 wgrad: 88 splits instead of 30; see benchmarks/RESULTS.md, session 5).
+    ``kernel_rows``: the TAP_ROWS form may run (one program per kernel row
+    and 64x64 tile, fewer than one per tap and 128x64 tile), so enough for
+    its grid, the larger of the two."""
     tiles = taps * _cdiv(k, _pow2(k, 16, 128)) * _cdiv(c, _pow2(c, 16, 64))
+    if kernel_rows:
+        tiles = min(tiles, kernel_rows * _cdiv(k, _pow2(k, 16, 64)) * _cdiv(c, _pow2(c, 16, 64)))
     fill = FILL_PROGRAMS * (3 if taps > 1 and c < 64 else 1)
     return max(1, min(_cdiv(m, 512), _cdiv(fill, tiles)))
+
+
+def _wgrad_tap_rows_mode(x: Tensor, c: int, kh: int, kw: int, stride: int, padding: int) -> int:
+    """_wgrad_configs' ``tap_rows`` for a weight gradient (WGRAD_TAP_ROWS):
+    0 not offered, 1 offered beside the other configs, 2 only. The form
+    takes a stride-1 conv with "same" padding and three taps a kernel row;
+    offered on a GPU for 16-bit data from 64 input channels (its activation
+    tile is the transposed MMA's register operand, 64 channels = wgmma's
+    rows); forced (True) for any dtype and channel count."""
+    if WGRAD_TAP_ROWS is False or not (stride == 1 and kh == kw == 3 and padding == 1):
+        return 0
+    if WGRAD_TAP_ROWS:
+        return 2
+    return int(AUTOTUNE and not INTERPRET and x.is_cuda and x.element_size() == 2 and c >= 64)
 
 
 def _act_pass_buffer(x: Tensor, taps: int, k_out: int) -> tuple[int, Tensor]:
@@ -516,6 +550,14 @@ EPILOGUE_FIRST_LOAD: Optional[bool] = None
 # True = only that tile where it is offered (and under the interpreter, any
 # dtype), False = never (tests).
 FWD_WIDE_TILE: Optional[bool] = None
+# The weight gradient of a stride-1 3x3 conv one kernel row a program
+# (conv_wgrad_kernel's TAP_ROWS: the row's three taps at once over input
+# pixels, each activation computed once for three MMAs instead of once per
+# tap). New code: OFF by default until a GPU run has passed its tests (env
+# FUSED_PREACT_WGRAD_TAP_ROWS=1: autotuning candidates where
+# _wgrad_tap_rows_mode offers them); True = only that form (tests), False =
+# never.
+WGRAD_TAP_ROWS: Optional[bool] = None if os.environ.get("FUSED_PREACT_WGRAD_TAP_ROWS", "0") == "1" else False
 # The flat 3x3 forward's and dgrad's tiles held to 128 registers, two
 # programs an SM (_two_per_sm_configs): None = autotuning candidates (GPU,
 # 16-bit data; the same kernels, only a register limit for ptxas, which
@@ -1309,7 +1351,8 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         grad_x, bn_grads = gz, out[:2]
     if need_weight_grad:
         m = n * oh * ow
-        split = WGRAD_SPLIT or (1 if INTERPRET else _wgrad_split(m, k_out, c, kh * kw))
+        tap_rows = _wgrad_tap_rows_mode(x, c, kh, kw, stride, padding)
+        split = WGRAD_SPLIT or (1 if INTERPRET else _wgrad_split(m, k_out, c, kh * kw, kh if tap_rows else 0))
         # The gradient in the weight's own layout (channels_last after
         # model.to(memory_format=channels_last)) and dtype: one split is
         # stored there directly (fp32 sums rounded once on store), several
@@ -1318,15 +1361,15 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
         part = grad_w.unsqueeze(0) if split == 1 else torch.empty_strided(
             (split, *weight.shape), (weight.numel(), *grad_w.stride()), device=x.device, dtype=sdt)
         if m > 0:
-            grid = lambda meta: (kh * kw, _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]),  # noqa: E731
-                                 split)
+            grid = lambda meta: (kh if meta.get("TAP_ROWS") else kh * kw,  # noqa: E731
+                                 _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]), split)
             tma = _tma_wgrad(x, grad_y, weight.shape, stride, padding)
             act_mode, act = _act_pass_buffer(x, kh * kw, k_out) if not (tma and WGRAD_TMA) else (0, x)
             _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64, WGRAD_CHANNEL_ROWS, tma,
-                                                     tma and bool(WGRAD_TMA), act_mode),
+                                                     tma and bool(WGRAD_TMA), act_mode, tap_rows),
                          {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
-                          "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS), "TMA": tma and bool(WGRAD_TMA),
-                          "ACT_PASS": act_mode == 2},
+                          "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS) or tap_rows == 2, "TMA": tma and bool(WGRAD_TMA),
+                          "ACT_PASS": act_mode == 2, "TAP_ROWS": tap_rows == 2},
                          x, act, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
                          *fast_divisor(oh * ow), *fast_divisor(ow),
                          *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,

@@ -373,6 +373,69 @@ def test_weight_gradient_in_both_product_orders(monkeypatch, ksize, stride, weig
     _compare(inp, True, stride, pad, REF_DTYPE)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("shape, beta_offset", [((2, 40, 7, 6, 36), 1.0), ((1, 8, 1, 5, 8), 1.0),
+                                                ((2, 8, 4, 4, 8), 30.0), ((3, 16, 5, 3, 24), 1.0)],
+                         ids=["odd", "one-row", "large-beta", "narrow"])
+def test_weight_gradient_one_kernel_row_a_program(monkeypatch, shape, beta_offset, split, layout):
+    """The weight gradient of a stride-1 3x3 conv with the three taps of a
+    kernel row in one program over input pixels (TAP_ROWS, forced: each
+    activation once for three MMAs, gy read at the three shifted output
+    pixels): output, every gradient and the running statistics against the
+    reference, residual included; odd sizes, channels spanning two tiles
+    (C = 40, K = 36 over the interpreter's 32), one image row (every tap
+    with kh != 1 off the image), beta + 30 (a pixel leaking across the
+    border or a padding tap counted would show), one and three splits (a
+    split boundary inside the rows), both layouts of x and of the weight;
+    and a check that the weight gradient ran in that form."""
+    monkeypatch.setattr(triton_launch, "WGRAD_TAP_ROWS", True)
+    monkeypatch.setattr(triton_launch, "WGRAD_SPLIT", split)
+    seen = _record_constexprs(monkeypatch, "conv_wgrad_kernel")
+    n, c, h, w, k = shape
+    inp, pad = _inputs(n, c, h, w, k, 3, 1, REF_DTYPE, layout, True, beta_offset=beta_offset)
+    if layout == "nchw":
+        inp["weight"] = inp["weight"].contiguous(memory_format=torch.channels_last)
+    _compare(inp, True, 1, pad, REF_DTYPE)
+    assert seen and all(kwargs["TAP_ROWS"] and kwargs["CHANNEL_ROWS"] for kwargs, _ in seen)
+    if DEVICE == "cuda":  # and in bf16, the dtype it is offered for
+        inp, pad = _inputs(n, c, h, w, k, 3, 1, torch.bfloat16, "channels_last", True, beta_offset=beta_offset)
+        _check_ratio_rule(inp, 1, pad)
+
+
+def test_weight_gradient_kernel_rows_only_where_they_apply(monkeypatch):
+    """TAP_ROWS is asked of stride-1 3x3 convs with "same" padding only (the
+    form shifts gy by the taps of a kernel row over input pixels): not 1x1,
+    not stride 2; offered (not forced) only on a GPU, for 16-bit data from
+    64 input channels, where the splits then fill the GPU with its grid of
+    one program per kernel row and 64x64 tile."""
+    monkeypatch.setattr(triton_launch, "WGRAD_TAP_ROWS", True)
+    seen = _record_constexprs(monkeypatch, "conv_wgrad_kernel")
+    for ksize, stride, expected in ((1, 1, False), (3, 2, False), (3, 1, True)):
+        seen.clear()
+        inp, pad = _inputs(1, 8, 4, 4, 8, ksize, stride, REF_DTYPE, "channels_last", False)
+        _run("triton", inp, True, stride, pad)
+        assert [kwargs["TAP_ROWS"] for kwargs, _ in seen] == [expected]
+    x = torch.empty(2, 64, 4, 4, dtype=torch.bfloat16, device="meta")
+    assert triton_launch._wgrad_tap_rows_mode(x, 64, 3, 3, 1, 1) == 2
+    monkeypatch.setattr(triton_launch, "WGRAD_TAP_ROWS", None)
+    assert triton_launch._wgrad_tap_rows_mode(x, 64, 3, 3, 1, 1) == 0  # (not a CUDA tensor)
+    monkeypatch.setattr(triton_launch, "WGRAD_TAP_ROWS", False)
+    assert triton_launch._wgrad_tap_rows_mode(x, 64, 3, 3, 1, 1) == 0
+    # ResNet-v2-50's first 3x3 layer: 9 programs a split in the one-tap form,
+    # 3 with kernel rows, so about three times the splits where it may run.
+    m, fill = 64 * 56 * 56, triton_launch.FILL_PROGRAMS
+    assert triton_launch._wgrad_split(m, 64, 64, 9) == triton_launch._cdiv(fill, 9)
+    assert triton_launch._wgrad_split(m, 64, 64, 9, 3) == triton_launch._cdiv(fill, 3)
+    assert triton_launch._wgrad_split(3136, 512, 512, 9, 3) == 2  # (s4.3x3: 288 programs one way, 192 the other)
+    monkeypatch.setattr(triton_launch, "AUTOTUNE", True)
+    configs = triton_launch._wgrad_configs(64, 64, tap_rows=1)
+    rows = [cfg for cfg in configs if cfg.kwargs.get("TAP_ROWS")]
+    assert rows == configs[-2:] and all(cfg.kwargs["CHANNEL_ROWS"] for cfg in rows)
+    assert {(cfg.kwargs["BLOCK_M"], cfg.num_warps) for cfg in rows} == {(64, 4), (128, 8)}
+    assert [cfg.kwargs.get("TAP_ROWS") for cfg in triton_launch._wgrad_configs(64, 64, tap_rows=2)] == [True]
+
+
 def test_fast_division_is_exact():
     """x // d as the weight gradient computes its rows' (n, oh, ow): x * mul
     >> shr with triton_launch.fast_divisor(d), in uint64 as the kernel does,
@@ -1242,6 +1305,18 @@ def test_gradcheck_float64_copying_taps_through_l1(monkeypatch):
     _gradcheck_small_unit(3, 1)
     for kernel, launches in seen.items():
         assert launches and all(kwargs["L1_TAPS"] for kwargs, _ in launches), kernel
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
+                    "gradcheck runs under the interpreter (CI)")
+def test_gradcheck_float64_one_kernel_row_a_program(monkeypatch):
+    """gradcheck with the 3x3 weight gradient taking a kernel row's three
+    taps a program (TAP_ROWS, forced), residual gradient included, and a
+    check that it ran in that form."""
+    monkeypatch.setattr(triton_launch, "WGRAD_TAP_ROWS", True)
+    seen = _record_constexprs(monkeypatch, "conv_wgrad_kernel")
+    _gradcheck_small_unit(3, 1)
+    assert seen and all(kwargs["TAP_ROWS"] for kwargs, _ in seen)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
