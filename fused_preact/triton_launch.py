@@ -329,9 +329,9 @@ def _two_per_sm_configs(configs: list[triton.Config], max_stages: int) -> list[t
     than 128 (sm_90, triton 3.6, the GPU machines' version: the forward
     138, the dgrad 136; 3.8: 152 and 128), so one program fills an SM and
     nothing overlaps its pipeline's fill and its epilogue: ResNet-v2-50's
-    first 3x3 layer (64 channels),
-    whose forward and dgrad took 103 and 111 us on the H200 for a 19 us
-    floor (session 11), and the half-width candidates of the smaller grids.
+    first 3x3 layer (64 channels), whose forward and dgrad took 103 and 111
+    us on the H200 for a 19 us floor (session 11), and the half-width
+    candidates of the smaller grids.
     Held to 128, ptxas compiles them without spills (bf16, sm_90, triton
     3.6 and 3.8, every variant: ``triton_aot``), 5-30 more instructions a
     step, except where ``_two_per_sm`` does not offer them: with a small
