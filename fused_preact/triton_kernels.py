@@ -870,6 +870,21 @@ def bn_grad_input_kernel(gz_ptr, x_ptr, gx_ptr, scale_ptr, k1_ptr, k0_ptr, M, C,
 
 
 @triton.jit
+def _wgrad_program(M, C, K, SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A weight-gradient program's (split, K tile, C tile, K offsets, C
+    offsets, K mask, row tiles per split) from program axes 1 (K tile x C
+    tile) and 2 (split); axis 0 is the tap (or, with TAP_ROWS, the kernel
+    row)."""
+    pid_kc = tl.program_id(1)
+    num_pid_c = tl.cdiv(C, BLOCK_K)
+    pid_k = pid_kc // num_pid_c
+    pid_c = pid_kc % num_pid_c
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
+    return tl.program_id(2), pid_k, pid_c, offs_k, offs_c, offs_k < K, tl.cdiv(tl.cdiv(M, BLOCK_M), SPLIT)
+
+
+@triton.jit
 def _wgrad_tap_mma(acc, a_t, gy_ptr, g_rows, h_ok, w, kw: tl.constexpr, PAD: tl.constexpr, OW, sgw, sgc, offs_k,
                    mask_k, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr):
     """acc[C, K] += a^T[C, pixels] @ gy[pixels shifted by tap (kh, kw), K]
@@ -897,16 +912,7 @@ def _wgrad_tap_rows(x_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr, M, C, K, H, W
     launcher's reciprocals of OH*OW and OW divide the input pixels too)."""
     tl.static_assert(KW == 3 and STRIDE == 1 and CHANNEL_ROWS)
     kh = tl.program_id(0)
-    pid_kc = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    num_pid_c = tl.cdiv(C, BLOCK_K)
-    pid_k = pid_kc // num_pid_c
-    pid_c = pid_kc % num_pid_c
-    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    chunks = tl.cdiv(M, BLOCK_M)
-    per_split = tl.cdiv(chunks, SPLIT)
+    pid_s, _, _, offs_k, offs_c, mask_k, per_split = _wgrad_program(M, C, K, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.assume(per_split > 0)  # (wgmma pipelining, see conv_fwd_kernel)
     acc0 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float64 if IS_FP64 else tl.float32)
     acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float64 if IS_FP64 else tl.float32)
@@ -1006,18 +1012,10 @@ def conv_wgrad_kernel(x_ptr, act_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
                         CHANNEL_ROWS, WIDE_INDEX, DENSE_ROWS)
         return
     pid_tap = tl.program_id(0)
-    pid_kc = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    num_pid_c = tl.cdiv(C, BLOCK_K)
-    pid_k = pid_kc // num_pid_c
-    pid_c = pid_kc % num_pid_c
     kh = pid_tap // KW
     kw = pid_tap % KW
-    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    chunks = tl.cdiv(M, BLOCK_M)
-    per_split = tl.cdiv(chunks, SPLIT)
+    pid_s, pid_k, pid_c, offs_k, offs_c, mask_k, per_split = _wgrad_program(M, C, K, SPLIT, BLOCK_M, BLOCK_N,
+                                                                            BLOCK_K)
     if CHANNEL_ROWS:
         tl.assume(per_split > 0)  # (wgmma pipelining, see conv_fwd_kernel; the other order waits for each anyway)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
