@@ -416,10 +416,8 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
     3.6: 198 registers, 94 KB, 607 instructions a step for three MMAs,
     where the one-tap form takes 419 for one) and 128 in eight (166
     registers, 188 KB, 693 for three 128-row MMAs)."""
-    if tap_rows == 2:  # only that form: the four-warp config (fp64, for checks: narrow tiles, 2 stages)
-        return [triton.Config({"BLOCK_M": 16 if fp64 else 64, "BLOCK_N": _pow2(k, 16, 32 if fp64 else 64),
-                               "BLOCK_K": _pow2(c, 16, 32 if fp64 else 64), "CHANNEL_ROWS": True, "TAP_ROWS": True},
-                              num_warps=4, num_stages=2 if fp64 else 3)]
+    if tap_rows == 2:  # only that form: its first config
+        return _wgrad_tap_rows_configs(k, c, fp64)[:1]
     if fp64:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
                                "CHANNEL_ROWS": bool(channel_rows)}, num_warps=4, num_stages=2)]
@@ -448,11 +446,25 @@ def _wgrad_configs(k: int, c: int, fp64: bool = False, channel_rows: Optional[bo
             return act_configs[:1] if not AUTOTUNE else act_configs
         configs += act_configs
     if tap_rows:
-        tap_configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": _pow2(k, 16, 64), "BLOCK_K": bk, "CHANNEL_ROWS": True,
-                                      "TAP_ROWS": True}, num_warps=warps, num_stages=3)
-                       for bm, warps in ((64, 4), (128, 8))]
-        configs += tap_configs
+        configs += _wgrad_tap_rows_configs(k, c, fp64)
     return configs[:1] if not AUTOTUNE else configs
+
+
+# The kernel-row weight gradient's K and C tile (TAP_ROWS: three
+# accumulators of TAP_ROWS_TILE^2 fp32 in four warps).
+TAP_ROWS_TILE = 64
+
+
+def _wgrad_tap_rows_configs(k: int, c: int, fp64: bool) -> list[triton.Config]:
+    """The TAP_ROWS form's configs (transposed): 64 pixels a step in four
+    warps, then 128 in eight; fp64 (checks) one with narrow tiles, 2 stages."""
+    if fp64:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": _pow2(k, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
+                               "CHANNEL_ROWS": True, "TAP_ROWS": True}, num_warps=4, num_stages=2)]
+    tile = {"BLOCK_N": _pow2(k, 16, TAP_ROWS_TILE), "BLOCK_K": _pow2(c, 16, TAP_ROWS_TILE)}
+    return [triton.Config({"BLOCK_M": bm, **tile, "CHANNEL_ROWS": True, "TAP_ROWS": True}, num_warps=warps,
+                          num_stages=3)
+            for bm, warps in ((64, 4), (128, 8))]
 
 
 def _wgrad_split(m: int, k: int, c: int, taps: int, kernel_rows: int = 0) -> int:
@@ -465,7 +477,7 @@ def _wgrad_split(m: int, k: int, c: int, taps: int, kernel_rows: int = 0) -> int
     its grid, the larger of the two."""
     tiles = taps * _cdiv(k, _pow2(k, 16, 128)) * _cdiv(c, _pow2(c, 16, 64))
     if kernel_rows:
-        tiles = min(tiles, kernel_rows * _cdiv(k, _pow2(k, 16, 64)) * _cdiv(c, _pow2(c, 16, 64)))
+        tiles = min(tiles, kernel_rows * _cdiv(k, _pow2(k, 16, TAP_ROWS_TILE)) * _cdiv(c, _pow2(c, 16, TAP_ROWS_TILE)))
     fill = FILL_PROGRAMS * (3 if taps > 1 and c < 64 else 1)
     return max(1, min(_cdiv(m, 512), _cdiv(fill, tiles)))
 
