@@ -29,10 +29,14 @@ MODELS=${MODELS:-"resnet164 resnetv2_50"}
 # TESTS: test functions of tests/test_triton.py, passed as node ids (not a -k
 # expression: on the device pytest's -k "tma" also matched a parent folder's
 # name and ran the whole file, session 11); the TMA forms' own check is
-# benchmarks/gpu_tma_check.sh. Newest first (sessions 14, 13, 12, then session
-# 11's fixed tests): 88 tests, ~3.6 s each a worker beside the background
-# compile (session 11: 56 in 200 s with 4 workers), so a cut leaves the oldest.
-TESTS=${TESTS:-"test_gemms_held_to_two_programs_an_sm test_weight_gradient_one_kernel_row_a_program
+# benchmarks/gpu_tma_check.sh. Newest first (sessions 15, 14, 13, 12, then
+# session 11's fixed tests): 151 tests, ~3.6 s each a worker beside the
+# background compile (session 11: 56 in 200 s with 4 workers; session 15's
+# library-route tests compile only small kernels), so a cut leaves the oldest.
+TESTS=${TESTS:-"test_gemms_through_the_library_route test_library_route_with_a_weight_of_another_dtype_and_layout
+  test_relu_backward_partials_against_torch test_emitted_statistics_are_those_of_the_output
+  test_library_route_timed_once_a_shape test_non_contiguous_input
+  test_gemms_held_to_two_programs_an_sm test_weight_gradient_one_kernel_row_a_program
   test_weight_gradient_kernel_rows_only_where_they_apply
   test_gemms_copying_taps_through_l1 test_l1_taps_only_where_there_are_taps
   test_gemms_reading_an_activation_pass test_activation_pass_against_the_reference
@@ -70,10 +74,16 @@ side_warm() {  # side_warm NAME VARIABLE=1 [VARIABLE=1 ...]
     --out "$OUT/warm_$1" --warm-workers 7 --warm-only > "$OUT/warm_$1.log" 2>&1
   echo "=== side-by-side compile $1: exit $? at +$(($(date +%s) - T0))s" | tee -a "$LOG"
 }
-echo "=== side-by-side compile (limit 150s, at +$(($(date +%s) - T0))s)" | tee -a "$LOG"
-[ "${ACT_SIDE_BY_SIDE:-1}" = 1 ] && side_warm act FUSED_PREACT_ACT_PASS=1 FUSED_PREACT_WGRAD_TAP_ROWS=1 &
-[ "${L1_SIDE_BY_SIDE:-1}" = 1 ] && side_warm l1 FUSED_PREACT_L1_TAPS=1 &
-wait
+# (Off by default since session 15: the side-by-side compiles took up to
+# 150 s before the first table, and with them the tables and the library
+# route's side by side did not fit the device call.)
+ACT_SIDE_BY_SIDE=${ACT_SIDE_BY_SIDE:-0} L1_SIDE_BY_SIDE=${L1_SIDE_BY_SIDE:-0}
+if [ "$ACT_SIDE_BY_SIDE" = 1 ] || [ "$L1_SIDE_BY_SIDE" = 1 ]; then
+  echo "=== side-by-side compile (limit 150s, at +$(($(date +%s) - T0))s)" | tee -a "$LOG"
+  [ "$ACT_SIDE_BY_SIDE" = 1 ] && side_warm act FUSED_PREACT_ACT_PASS=1 FUSED_PREACT_WGRAD_TAP_ROWS=1 &
+  [ "$L1_SIDE_BY_SIDE" = 1 ] && side_warm l1 FUSED_PREACT_L1_TAPS=1 &
+  wait
+fi
 cat "$OUT"/warm_*.log >> "$LOG" 2>/dev/null; rm -rf "$OUT"/warm*
 for model in $MODELS; do  # one process each: a killed one loses only its own table
   step "kernel_times_$model" "$([ "$model" = resnetv2_50 ] && echo 150 || echo 60)" $PY benchmarks/kernel_times.py \
@@ -82,6 +92,19 @@ done
 # Optional side-by-side steps run only while they fit before DEADLINE seconds
 # (default 480: the device call's limit less a margin for the archive).
 fits() { [ $(($(date +%s) - T0 + $1)) -le "${DEADLINE:-480}" ]; }
+# Side by side (LIBRARY_SIDE_BY_SIDE=1, the default): each GEMM of each
+# unit timed against PyTorch's convolution with the unit's other work in
+# Triton passes (FUSED_PREACT_LIBRARY_GEMM=1, session 15; off by default
+# until its GPU tests, in TESTS above, pass), ResNet-v2-50 first. Its own
+# kernels are small (compiled in seconds); the Triton GEMMs it is timed
+# against were compiled above. The route trials are in the json's
+# "autotuned" list ("forward route" ...).
+for model in $([ "${LIBRARY_SIDE_BY_SIDE:-1}" = 1 ] && echo resnetv2_50 resnet164); do
+  limit=$([ "$model" = resnetv2_50 ] && echo 120 || echo 60)
+  fits "$limit" && step "kernel_times_${model}_library" "$limit" env FUSED_PREACT_LIBRARY_GEMM=1 \
+    $PY benchmarks/kernel_times.py --providers eager_cl,triton --units "$model" --steps 10 \
+    --out "$OUT/kernel_times_${model}_library"
+done
 # Side by side (TMA_SIDE_BY_SIDE=1): ResNet-v2-50 with the TMA-descriptor
 # candidates offered (off by default since their GPU tests failed in session
 # 11; session 11's run timed them, RESULTS.md). Run it once
@@ -90,17 +113,17 @@ fits() { [ $(($(date +%s) - T0 + $1)) -le "${DEADLINE:-480}" ]; }
   env FUSED_PREACT_FWD_TMA=1 FUSED_PREACT_DGRAD_TMA=1 FUSED_PREACT_WGRAD_TMA=1 \
   $PY benchmarks/kernel_times.py --providers triton --units resnetv2_50 --steps 10 \
   --out "$OUT/kernel_times_resnetv2_50_tma"
-# Side by side (ACT_SIDE_BY_SIDE=1, the default): ResNet-v2-50 with the
+# Side by side (ACT_SIDE_BY_SIDE=1): ResNet-v2-50 with the
 # activation-pass candidates of its forwards and weight gradients offered
 # (session 12), and the kernel-row weight gradients (TAP_ROWS, session 14;
 # both off by default until their GPU tests, in TESTS above, pass; the
 # autotuner's tables time them against the fused forms and each other).
-[ "${ACT_SIDE_BY_SIDE:-1}" = 1 ] && fits 90 && step kernel_times_resnetv2_50_act_pass 90 \
+[ "$ACT_SIDE_BY_SIDE" = 1 ] && fits 90 && step kernel_times_resnetv2_50_act_pass 90 \
   env FUSED_PREACT_ACT_PASS=1 FUSED_PREACT_WGRAD_TAP_ROWS=1 $PY benchmarks/kernel_times.py --providers triton --units resnetv2_50 --steps 10 \
   --out "$OUT/kernel_times_resnetv2_50_act_pass"
-# Side by side (L1_SIDE_BY_SIDE=1, the default): ResNet-v2-50 with the 3x3
+# Side by side (L1_SIDE_BY_SIDE=1): ResNet-v2-50 with the 3x3
 # GEMMs' tap tiles copied through L1 (session 13; off by default until timed).
-[ "${L1_SIDE_BY_SIDE:-1}" = 1 ] && fits 90 && step kernel_times_resnetv2_50_l1_taps 90 \
+[ "$L1_SIDE_BY_SIDE" = 1 ] && fits 90 && step kernel_times_resnetv2_50_l1_taps 90 \
   env FUSED_PREACT_L1_TAPS=1 $PY benchmarks/kernel_times.py --providers triton --units resnetv2_50 --steps 10 \
   --out "$OUT/kernel_times_resnetv2_50_l1_taps"
 # Side by side: ResNet-164 with the finalize kernels instead of the

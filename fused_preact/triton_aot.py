@@ -308,6 +308,12 @@ def _small_kernels(dtype: str):
                    {"BLOCK_M": 256, "BLOCK_C": bc, "IS_FP64": fp64, "FINALIZE": True, "UPDATE_RUNNING": True,
                     "HAS_GAMMA": True, "HAS_BETA": True, "COUNT_BATCH": True, "BLOCK_T": L.TAIL_T_STATS}, 4)
         yield "activation_pass_kernel", "", {"BLOCK_M": 128, "BLOCK_C": bc, "IS_FP64": fp64}, 4
+        # The library GEMM route's: the forward's moments in the epilogue's tiles, the dgrad's epilogue.
+        if bc <= 32:
+            yield ("channel_stats_partial_kernel", "stats-rows",
+                   {"BLOCK_M": L.ROWS_GPU, "BLOCK_C": bc, "IS_FP64": fp64}, 4)
+            yield ("relu_backward_partials_kernel", "", {"BLOCK_M": L.RELU_BACKWARD_ROWS, "BLOCK_C": bc,
+                                                         "IS_FP64": fp64}, 4, {"ga_ptr": _TYPE.get(dtype, dtype)})
         for training in (False, True):
             yield ("bn_grad_input_kernel", "train" if training else "eval",
                    {"TRAINING": training, "IS_FP64": fp64, "BLOCK_M": 128, "BLOCK_C": bc}, 4)

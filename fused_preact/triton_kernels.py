@@ -28,6 +28,9 @@ Kernels:
                           program per column block also does
                           bn_backward_finalize's work for those channels
   bn_grad_input           gx = gz*scale + x*k1 + k0   (BN backward, one pass)
+  relu_backward_partials  conv_dgrad's epilogue alone, over a gradient of the
+                          activation from PyTorch's convolution (the library
+                          GEMM route, triton_launch.LIBRARY_GEMM)
   conv_wgrad              split-K partials of gW = a^T gy, a recomputed from x
   split_sum               the sum of those partials, in the weight's dtype
   pack_weight             a 3x3 weight's taps as dense [C, K] (or [K, C]) blocks, cast
@@ -806,17 +809,8 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
 
     if not EPILOGUE_FIRST:
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
-    x = x.to(acc.dtype)
-    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
-    shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)
-    mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_n, mask=mask_n, other=0.0)
-    z = x * scale[None, :] + shift[None, :]
-    gz = tl.where(mask & (z > 0), acc, 0.0)
-    tl.store(gz_ptr + x_offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
-    xhat = (x - mean[None, :]) * invstd[None, :]
-    tl.store(sum_gz_ptr + tile * C + offs_n, tl.sum(gz, axis=0), mask=mask_n)
-    tl.store(sum_gz_xhat_ptr + tile * C + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
+    _relu_backward_tile(acc, x.to(acc.dtype), mask, x_offs, offs_n, mask_n, tile, C, scale_ptr, shift_ptr, mean_ptr,
+                        invstd_ptr, gz_ptr, sum_gz_ptr, sum_gz_xhat_ptr)
     if FINALIZE:
         if _arrived_last(counter_ptr + pid_n, TILES):
             _bn_backward_channels(sum_gz_ptr, sum_gz_xhat_ptr, mean_ptr, invstd_ptr, scale_ptr, out_ptr, offs_n,
@@ -867,6 +861,53 @@ def bn_grad_input_kernel(gz_ptr, x_ptr, gx_ptr, scale_ptr, k1_ptr, k0_ptr, M, C,
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(g.dtype)
         g = g + x * k1[None, :] + k0[None, :]
     tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def relu_backward_partials_kernel(ga_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, gz_ptr, sum_gz_ptr,
+                                  sum_gz_xhat_ptr, M, C, HW, W, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, IS_FP64: tl.constexpr):
+    """conv_dgrad_kernel's epilogue over a gradient of the activation computed
+    elsewhere (ga: the library GEMM route's, PyTorch's convolution backward):
+    gz = ga where x*scale + shift > 0, else 0, stored with x's strides (over
+    ga in place where it has them), and the tile's per-channel sums of gz and
+    gz*xhat at row pid_m of the [tiles, C] partials, which
+    bn_backward_finalize_kernel sums. One [pixels, channels] tile a program."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_m < M)[:, None] & mask_c[None, :]
+    x_offs = _pixel_offsets(offs_m, offs_c, HW, W, sxn, sxc, sxh, sxw)
+    ga = tl.load(ga_ptr + _pixel_offsets(offs_m, offs_c, HW, W, sgn, sgc, sgh, sgw), mask=mask, other=0.0)
+    if IS_FP64:
+        ga = ga.to(tl.float64)
+    else:
+        ga = ga.to(tl.float32)
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ga.dtype)
+    _relu_backward_tile(ga, x, mask, x_offs, offs_c, mask_c, pid_m, C, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
+                        gz_ptr, sum_gz_ptr, sum_gz_xhat_ptr)
+
+
+@triton.jit
+def _relu_backward_tile(ga, x, mask, x_offs, offs_c, mask_c, row, C, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
+                        gz_ptr, sum_gz_ptr, sum_gz_xhat_ptr):
+    """The BN+ReLU backward of a [pixels, channels] tile from the
+    activation's gradient ``ga`` and x (both in the accumulation dtype):
+    gz = ga where x*scale + shift > 0, else 0, stored at x's offsets, and the
+    tile's per-channel sums of gz and gz*xhat (xhat = (x - mean)*invstd) at
+    row ``row`` of the [tiles, C] partials. conv_dgrad_kernel's epilogue
+    and relu_backward_partials_kernel."""
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
+    z = x * scale[None, :] + shift[None, :]
+    gz = tl.where(mask & (z > 0), ga, 0.0)
+    tl.store(gz_ptr + x_offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    xhat = (x - mean[None, :]) * invstd[None, :]
+    tl.store(sum_gz_ptr + row * C + offs_c, tl.sum(gz, axis=0), mask=mask_c)
+    tl.store(sum_gz_xhat_ptr + row * C + offs_c, tl.sum(gz * xhat, axis=0), mask=mask_c)
 
 
 @triton.jit

@@ -717,6 +717,64 @@ def _tuned(kernel_name: str, config_key: tuple) -> object:
                            do_bench=_trial)(getattr(K, kernel_name))
 
 
+# The GEMM through PyTorch's own convolution (cuDNN's kernels on a GPU)
+# instead of this package's GEMM kernels, with the rest of the unit's work
+# in Triton passes around it (the "library route"): forward = activation
+# pass -> convolution -> residual added -> y's moments; dgrad = convolution
+# backward (the activation's gradient) -> relu_backward_partials_kernel (the
+# ReLU mask, gz, the BN-backward sums) -> the same finalize and gx; weight
+# gradient = activation pass -> convolution backward (the weight's). The unit
+# still saves only x: the activation is a temporary of one GEMM, as with
+# ACT_PASS. Why: on the H200 (session 11) cuDNN's kernels for ResNet-v2-50's
+# 3x3 layers took 26-44 us where ours took 48-132 (fprop, dgrad and wgrad
+# alike), and those units ran at 0.57-0.93x eager, while ResNet-164's small
+# layers run faster in the fused kernels (1.4-2.8x). So each GEMM of each
+# shape is timed both ways at its first call, as the autotuner times its
+# configs (_trial: graph replays, after one call that autotunes the Triton
+# kernel), and the faster route is kept (ROUTES; reported in AUTOTUNED).
+# OFF by default until a GPU run has passed its tests (session 15 wrote it
+# without a GPU): env FUSED_PREACT_LIBRARY_GEMM=1 offers it (None: timed, on
+# a GPU with autotuning on); True = always the library route (any device
+# and dtype, also under the interpreter with torch's CPU convolution: the
+# tests); False = never.
+LIBRARY_GEMM: Optional[bool] = None if os.environ.get("FUSED_PREACT_LIBRARY_GEMM", "0") == "1" else False
+ROUTES: dict = {}
+
+
+def _routes_timed(x: Tensor) -> bool:
+    """Whether LIBRARY_GEMM = None times the two routes for x: on a GPU, with autotuning on."""
+    return AUTOTUNE and not INTERPRET and x.is_cuda
+
+
+def _gemm_route(gemm: str, key: tuple, x: Tensor, triton_route, library_route):
+    """The result of ``triton_route()`` or ``library_route()``, the GEMM
+    ``gemm`` ("forward", "dgrad", "wgrad") of the shapes and layouts ``key``
+    done either way into the caller's buffers (so either may run repeatedly):
+    LIBRARY_GEMM forced either way, or (None) the faster as timed at the
+    key's first call on a GPU (a library route whose trial raises is not
+    taken). Inside a CUDA-graph capture an untimed key takes the Triton
+    route (no trials there: the next call outside one times it)."""
+    if LIBRARY_GEMM is not None:
+        return library_route() if LIBRARY_GEMM else triton_route()
+    if not _routes_timed(x):
+        return triton_route()
+    key = (gemm, x.device.index, *key)
+    library = ROUTES.get(key)
+    if library is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return triton_route()
+        triton_ms = _trial(triton_route, None)
+        try:
+            library_ms = _trial(library_route, None)
+        except RuntimeError as error:  # (a convolution PyTorch cannot run here: the Triton route, with a warning)
+            warnings.warn(f"the library route of the {gemm} failed its trial ({error!r}); keeping the Triton GEMM")
+            library_ms = float("inf")
+        library = ROUTES[key] = library_ms < triton_ms
+        AUTOTUNED.append({"kernel": f"{gemm} route", "shape": str(key[2:]), "best": "library" if library else "triton",
+                          "timings_ms": {"triton": triton_ms, "library": library_ms}})
+    return library_route() if library else triton_route()
+
+
 # ---------------------------------------------------------------- launching
 # At the batch sizes of the paper's CIFAR ResNets the fused units are
 # host-bound (benchmarks/RESULTS.md), and a launch through Triton's
@@ -863,8 +921,10 @@ def _stats_blocks(x: Tensor) -> tuple[int, int]:
 
 
 def _channel_partials(x: Tensor, counters: Optional[Tensor] = None, finalize_args: tuple = (),
-                      scalars: tuple = (0.0, 0.0, 1.0), **flags) -> tuple[Tensor, Tensor, int]:
-    """Per-tile (mean, M2) partials of x per channel, and the rows per tile.
+                      scalars: tuple = (0.0, 0.0, 1.0), rows: Optional[int] = None, part: Optional[Tensor] = None,
+                      **flags) -> tuple[Tensor, Tensor, int]:
+    """Per-tile (mean, M2) partials of x per channel, and the rows per tile
+    (``rows``, or _stats_blocks'), into ``part`` [2, tiles, C] if given.
     With ``counters`` (``_tail_counters``) the kernel's last programs also
     finalize (FINALIZE): ``finalize_args`` are bn_finalize_kernel's gamma ..
     count pointers, ``scalars`` its momentum, eps, unbias, ``flags`` its
@@ -873,8 +933,11 @@ def _channel_partials(x: Tensor, counters: Optional[Tensor] = None, finalize_arg
     m = n * h * w
     sdt = stats_dtype(x)
     block_m, block_c = _stats_blocks(x)
+    block_m = rows or block_m
     tiles = _cdiv(m, block_m)
-    part = torch.empty((2, tiles, c), device=x.device, dtype=sdt)
+    if part is None:
+        part = torch.empty((2, tiles, c), device=x.device, dtype=sdt)
+    assert part.shape == (2, tiles, c) and part.dtype == sdt and part.is_contiguous(), part.shape
     tail = {"FINALIZE": True, "BLOCK_T": TAIL_T_STATS, **flags} if counters is not None else {}
     _run("channel_stats_partial_kernel", (tiles, _cdiv(c, block_c)),
          x, part[0], part[1], counters if counters is not None else part, *(finalize_args or (part,) * 6),
@@ -1238,47 +1301,111 @@ def conv_forward(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: in
     format (scale, shift = rows 2, 3 of ``bn``; weight cast to x's dtype);
     with ``emit_stats`` also y's per-tile moments [2, T, K] (mean and M2 of
     each STATS_ROWS-row tile of y, see ``merge_moments``), which the next
-    unit's ``bn_prepare`` merges in its finalize launch."""
+    unit's ``bn_prepare`` merges in its finalize launch. The GEMM in
+    conv_fwd_kernel, or through PyTorch's convolution (``_gemm_route``)."""
     check_device(x)
     n, c, h, w = x.shape
     k_out, _, kh, kw = weight.shape
     _check_channels(c, k_out)
     oh, ow = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-    m = n * oh * ow
     y = _like_layout((n, k_out, oh, ow), x)
+    stats = torch.empty(moments_shape(y), device=x.device, dtype=stats_dtype(x)) if emit_stats else None
+    if n * oh * ow > 0:
+        args = (x, weight, bn, stride, padding, residual, y, stats)
+        key = (_layout_key(x), _layout_key(weight), _layout_key(residual), stride, padding, emit_stats)
+        y = _gemm_route("forward", key, x, functools.partial(_forward_gemm, *args),
+                        functools.partial(_forward_library, *args))
+    return y, stats
+
+
+def _forward_gemm(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: int, residual: Optional[Tensor],
+                  y: Tensor, stats: Optional[Tensor]) -> Tensor:
+    """conv_forward's GEMM in conv_fwd_kernel, its epilogue adding the
+    residual and emitting the moments: y."""
+    n, c, h, w = x.shape
+    k_out, _, kh, kw = weight.shape
+    oh, ow = y.shape[2], y.shape[3]
+    m = n * oh * ow
     dot_dtype, precision, is_fp64 = _dot(x.dtype)
     rows = STATS_ROWS
     tiles = _cdiv(m, rows)
-    stats = torch.empty((2, tiles, k_out), device=x.device, dtype=stats_dtype(x)) if emit_stats else None
+    emit_stats = stats is not None
     mean_part, m2_part = (stats[0], stats[1]) if emit_stats else (y, y)
-    if m > 0:
-        w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype, tiles, c)  # 3x3: packed [KH, KW, C, K]
-        w_kc = _tma_forward(x, w_gemm, stride, padding)
-        res = residual if residual is not None else y
-        grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
-        # 256-column tiles: with 16-bit inputs (three stages of fp32 tiles
-        # would not fit shared memory), for 1x1, and for 3x3 with the packed
-        # weight (read as it is, in fp32, it spills registers with triton 3.8).
-        wide = (x.element_size() == 2 and (kh * kw == 1 or w_gemm.dtype == x.dtype)
-                and FWD_WIDE_TILE is not False)
-        tma = w_kc is not None
-        act_mode, act = _act_pass_buffer(x, kh * kw, k_out) if not (tma and FWD_TMA) else (0, x)
-        wide_index = _wide_index(x, w_gemm, res, y)
-        _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
-                                               _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
-                                               EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE), False,
-                                               "forward" if tma else "", tma and bool(FWD_TMA), act_mode,
-                                               *_two_per_sm(3, x, w_gemm, 0, wide_index)),
-                     {"BLOCK_M": rows, "BLOCK_N": 256 if FWD_WIDE_TILE else _pow2(k_out, 16, 32),
-                      "BLOCK_K": _pow2(c, 16, 16), "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1,
-                      "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(FWD_TMA),
-                      "ACT_PASS": act_mode == 2},
-                     x, act, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
-                     *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
-                     KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
-                     DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=wide_index,
-                     W_KC=bool(w_kc), L1_TAPS=L1_TAPS and kh * kw > 1, even=("EVEN_C", c))
-    return y, stats
+    w_gemm = _gemm_weight(weight, (2, 3, 1, 0), x.dtype, tiles, c)  # 3x3: packed [KH, KW, C, K]
+    w_kc = _tma_forward(x, w_gemm, stride, padding)
+    res = residual if residual is not None else y
+    grid = lambda meta: (tiles * _cdiv(k_out, meta["BLOCK_N"]),)  # noqa: E731
+    # 256-column tiles: with 16-bit inputs (three stages of fp32 tiles
+    # would not fit shared memory), for 1x1, and for 3x3 with the packed
+    # weight (read as it is, in fp32, it spills registers with triton 3.8).
+    wide = (x.element_size() == 2 and (kh * kw == 1 or w_gemm.dtype == x.dtype)
+            and FWD_WIDE_TILE is not False)
+    tma = w_kc is not None
+    act_mode, act = _act_pass_buffer(x, kh * kw, k_out) if not (tma and FWD_TMA) else (0, x)
+    wide_index = _wide_index(x, w_gemm, res, y)
+    _launch_gemm("conv_fwd_kernel", grid, ("gemm", rows, k_out, c, is_fp64, kh * kw, FLAT_LOOP,
+                                           _small_grid(tiles, k_out), residual is not None and kh * kw == 1,
+                                           EPILOGUE_FIRST_LOAD, wide, bool(FWD_WIDE_TILE), False,
+                                           "forward" if tma else "", tma and bool(FWD_TMA), act_mode,
+                                           *_two_per_sm(3, x, w_gemm, 0, wide_index)),
+                 {"BLOCK_M": rows, "BLOCK_N": 256 if FWD_WIDE_TILE else _pow2(k_out, 16, 32),
+                  "BLOCK_K": _pow2(c, 16, 16), "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1,
+                  "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(FWD_TMA),
+                  "ACT_PASS": act_mode == 2},
+                 x, act, w_gemm, bn[2], bn[3], res, y, mean_part, m2_part, m, c, k_out, h, w, oh, ow,
+                 *_strides(x), *_strides(y), *_strides(res), *_strides(w_gemm), STRIDE=stride, PAD=padding,
+                 KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats, IS_FP64=is_fp64,
+                 DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, WIDE_INDEX=wide_index,
+                 W_KC=bool(w_kc), L1_TAPS=L1_TAPS and kh * kw > 1, even=("EVEN_C", c))
+    return y
+
+
+def _forward_library(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: int, residual: Optional[Tensor],
+                     y: Tensor, stats: Optional[Tensor]) -> Tensor:
+    """conv_forward's GEMM through PyTorch's convolution: the activation
+    pass into a temporary, the convolution of it (cuDNN on a GPU), the
+    residual added in place, the moments of y by channel_stats_partial_kernel
+    in STATS_ROWS-row tiles (the forward epilogue's layout). Returns the
+    convolution's own output where it has y's memory format, else y."""
+    out = _convolution(_activation(x, bn), weight.to(x.dtype), stride, padding)
+    if residual is not None:
+        out.add_(residual)
+    if out.stride() != y.stride():
+        out = y.copy_(out)
+    if stats is not None:
+        _channel_partials(out, rows=STATS_ROWS, part=stats)
+    return out
+
+
+def _activation(x: Tensor, bn: Tensor) -> Tensor:
+    """relu(x*scale + shift) in x's dtype and memory format, from
+    activation_pass_kernel (a temporary of the library GEMM route)."""
+    act = torch.empty_like(x, memory_format=_format_of(x))
+    if act.stride() != x.stride():  # (x not dense: the pass writes with x's strides)
+        x = x.contiguous(memory_format=_format_of(x))
+    activation_pass(x, bn[2], bn[3], act)
+    return act
+
+
+def _convolution(a: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
+    """PyTorch's conv2d of ``a`` (groups 1, dilation 1, no bias): ATen's
+    convolution, which picks cuDNN's kernels on a GPU."""
+    return torch.ops.aten.convolution(a, weight, None, [stride, stride], [padding, padding], [1, 1], False,
+                                      [0, 0], 1)
+
+
+def _conv_backward(grad_y: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int, input_grad: bool
+                   ) -> Tensor:
+    """PyTorch's convolution backward, in a's dtype: the input's gradient
+    (``input_grad``; ``a`` then gives only its shape and layout) or the
+    weight's (``weight`` then gives only its shape and layout)."""
+    grads = torch.ops.aten.convolution_backward(grad_y, a, weight, None, [stride, stride], [padding, padding],
+                                                [1, 1], False, [0, 0], 1, [input_grad, not input_grad, False])
+    return grads[0] if input_grad else grads[1]
+
+
+def _layout_key(t: Optional[Tensor]) -> tuple:
+    return () if t is None else (tuple(t.shape), t.stride(), t.dtype)
 
 
 # --------------------------------------------------------------- backward
@@ -1291,61 +1418,33 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
     y = conv(relu(x*scale + shift)) with ``bn`` = [4, C] mean, invstd, scale,
     shift; the activation is recomputed from x. Launches: weight pack, dgrad
     (epilogue: ReLU mask, gz, partial sums; its last programs finalize where
-    the partials are few), finalize (elsewhere), gx; wgrad, split sum."""
+    the partials are few), finalize (elsewhere), gx; wgrad, split sum. Either
+    GEMM may go through PyTorch's convolution instead (``_gemm_route``)."""
     check_device(x)
     n, c, h, w = x.shape
     k_out, _, kh, kw = weight.shape
     _check_channels(c, k_out)
     oh, ow = grad_y.shape[2], grad_y.shape[3]
-    dot_dtype, precision, is_fp64 = _dot(x.dtype)
+    is_fp64 = x.dtype == torch.float64
     grad_y = grad_y.to(x.dtype)
     grad_x = grad_w = bn_grads = None
     sdt = stats_dtype(x)
     if need_input_grads:
         m = n * h * w
-        rows = ROWS_INTERPRET if INTERPRET else ROWS_GPU
-        # Stride 2: the input pixels in four parity classes, each visiting
-        # only its own taps (conv_dgrad_kernel's PARITY); row tiles per class
-        # counted for the largest one.
-        parity = stride == 2 and DGRAD_PARITY
-        row_tiles = _cdiv(n * _cdiv(h, 2) * _cdiv(w, 2), rows) if parity else _cdiv(m, rows)
-        tiles = 4 * row_tiles if parity else row_tiles  # rows of partial sums: one per (class and) row tile
         gz = torch.empty_like(x)  # keeps x's dense layout (channels_last or contiguous)
         if gz.stride() != x.stride():
             x = x.contiguous(memory_format=_format_of(gz))
-        part_gz = torch.empty((tiles, c), device=x.device, dtype=sdt)
-        part_gz_xhat = torch.empty_like(part_gz)
         out = torch.empty((4, c), device=x.device, dtype=sdt)  # grad_gamma, grad_beta, k1, k0
         if m > 0:
-            w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype, tiles, k_out)  # 3x3: packed [KH, KW, K, C]
-            tma = _tma_dgrad(grad_y, w_gemm, stride, padding)
-            grid = lambda meta: (row_tiles * _cdiv(c, meta["BLOCK_N"]), 4 if parity else 1)  # noqa: E731
-            # (The parity path has one loop form: no flat-loop candidates.)
-            heavy = (kh * kw == 1 or parity) and k_out <= 512  # (see _gemm_configs)
             sync = bool(global_count) and training
-            # The finalize in the dgrad's last programs, unless sync_bn
-            # all-reduces the sums first (the widest column tile counted).
-            counters = None if sync else _tail_counters(x.device, tiles, TAIL_T_DGRAD, _cdiv(c, 16))
-            wide_index = _wide_index(grad_y, w_gemm, x, gz)
-            _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, 1 if parity else kh * kw,
-                                                     FLAT_LOOP, _small_grid(tiles, c), kh * kw == 1,
-                                                     EPILOGUE_FIRST_LOAD, False, False, heavy,
-                                                     "dgrad" if tma else "", tma and bool(DGRAD_TMA), 0,
-                                                     *_two_per_sm(4, x, w_gemm, 1, wide_index)),
-                         {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
-                          "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity,
-                          "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(DGRAD_TMA)},
-                         grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
-                         counters if counters is not None else out, out,
-                         m, c, k_out, h, w, oh, ow, tiles, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
-                         STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
-                         INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=wide_index,
-                         FINALIZE=counters is not None, TRAINING=training, BLOCK_T=TAIL_T_DGRAD,
-                         L1_TAPS=L1_TAPS and kh * kw > 1 and not parity, even=("EVEN_K", k_out))
-            if counters is None:
+            args = (grad_y, x, weight, bn, gz, out, training, stride, padding, sync)
+            key = (_layout_key(grad_y), _layout_key(x), _layout_key(weight), stride, padding, training, sync)
+            part_gz, part_gz_xhat, finalized = _gemm_route("dgrad", key, x, functools.partial(_dgrad_gemm, *args),
+                                                           functools.partial(_dgrad_library, *args))
+            if not finalized:
                 merge_c = _pow2(c, 16, MERGE_C)
                 _run("bn_backward_finalize_kernel", (_cdiv(c, merge_c),),
-                     part_gz, part_gz_xhat, bn, out, m, c, tiles, TRAINING=training and not sync,
+                     part_gz, part_gz_xhat, bn, out, m, c, part_gz.shape[0], TRAINING=training and not sync,
                      BLOCK_T=MERGE_T, BLOCK_C=merge_c)
             if sync:
                 # sync_bn: the two sums over every process, the global count
@@ -1362,35 +1461,131 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, trainin
             out.zero_()
         grad_x, bn_grads = gz, out[:2]
     if need_weight_grad:
-        m = n * oh * ow
-        tap_rows = _wgrad_tap_rows_mode(x, c, kh, kw, stride, padding)
-        split = WGRAD_SPLIT or (1 if INTERPRET else _wgrad_split(m, k_out, c, kh * kw, kh if tap_rows else 0))
         # The gradient in the weight's own layout (channels_last after
-        # model.to(memory_format=channels_last)) and dtype: one split is
-        # stored there directly (fp32 sums rounded once on store), several
-        # are summed into it (fp32 partials), so no layout copy or cast follows.
+        # model.to(memory_format=channels_last)) and dtype.
         grad_w = torch.empty(weight.shape, device=x.device, dtype=weight.dtype, memory_format=_format_of(weight))
-        part = grad_w.unsqueeze(0) if split == 1 else torch.empty_strided(
-            (split, *weight.shape), (weight.numel(), *grad_w.stride()), device=x.device, dtype=sdt)
-        if m > 0:
-            grid = lambda meta: (kh if meta.get("TAP_ROWS") else kh * kw,  # noqa: E731
-                                 _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]), split)
-            tma = _tma_wgrad(x, grad_y, weight.shape, stride, padding)
-            act_mode, act = _act_pass_buffer(x, kh * kw, k_out) if not (tma and WGRAD_TMA) else (0, x)
-            _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64, WGRAD_CHANNEL_ROWS, tma,
-                                                     tma and bool(WGRAD_TMA), act_mode, tap_rows),
-                         {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
-                          "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS) or tap_rows == 2, "TMA": tma and bool(WGRAD_TMA),
-                          "ACT_PASS": act_mode == 2, "TAP_ROWS": tap_rows == 2},
-                         x, act, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
-                         *fast_divisor(oh * ow), *fast_divisor(ow),
-                         *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
-                         KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-                         WIDE_INDEX=_wide_index(x, grad_y, part), DENSE_ROWS=_dense_rows(x) and _dense_rows(grad_y))
-            if split > 1:
-                _split_sum(part, grad_w)
+        if n * oh * ow > 0:
+            args = (x, grad_y, weight, bn, stride, padding, grad_w)
+            key = (_layout_key(x), _layout_key(grad_y), _layout_key(weight), stride, padding)
+            _gemm_route("wgrad", key, x, functools.partial(_wgrad_gemm, *args),
+                        functools.partial(_wgrad_library, *args))
         else:
             grad_w.zero_()
     return grad_x, grad_w, bn_grads
 
 
+def _dgrad_gemm(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, gz: Tensor, out: Tensor, training: bool,
+                stride: int, padding: int, sync: bool) -> tuple[Tensor, Tensor, bool]:
+    """conv_backward's dgrad in conv_dgrad_kernel, its epilogue writing gz
+    (x's strides) and the per-tile partial sums of gz and gz*xhat: (the two
+    [tiles, C] partials, whether its last programs already finalized them
+    into ``out``)."""
+    n, c, h, w = x.shape
+    k_out, _, kh, kw = weight.shape
+    oh, ow = grad_y.shape[2], grad_y.shape[3]
+    dot_dtype, precision, is_fp64 = _dot(x.dtype)
+    m = n * h * w
+    rows = ROWS_INTERPRET if INTERPRET else ROWS_GPU
+    # Stride 2: the input pixels in four parity classes, each visiting
+    # only its own taps (conv_dgrad_kernel's PARITY); row tiles per class
+    # counted for the largest one.
+    parity = stride == 2 and DGRAD_PARITY
+    row_tiles = _cdiv(n * _cdiv(h, 2) * _cdiv(w, 2), rows) if parity else _cdiv(m, rows)
+    tiles = 4 * row_tiles if parity else row_tiles  # rows of partial sums: one per (class and) row tile
+    part_gz = torch.empty((tiles, c), device=x.device, dtype=out.dtype)
+    part_gz_xhat = torch.empty_like(part_gz)
+    w_gemm = _gemm_weight(weight, (2, 3, 0, 1), x.dtype, tiles, k_out)  # 3x3: packed [KH, KW, K, C]
+    tma = _tma_dgrad(grad_y, w_gemm, stride, padding)
+    grid = lambda meta: (row_tiles * _cdiv(c, meta["BLOCK_N"]), 4 if parity else 1)  # noqa: E731
+    # (The parity path has one loop form: no flat-loop candidates.)
+    heavy = (kh * kw == 1 or parity) and k_out <= 512  # (see _gemm_configs)
+    # The finalize in the dgrad's last programs, unless sync_bn
+    # all-reduces the sums first (the widest column tile counted).
+    counters = None if sync else _tail_counters(x.device, tiles, TAIL_T_DGRAD, _cdiv(c, 16))
+    wide_index = _wide_index(grad_y, w_gemm, x, gz)
+    _launch_gemm("conv_dgrad_kernel", grid, ("gemm", rows, c, k_out, is_fp64, 1 if parity else kh * kw,
+                                             FLAT_LOOP, _small_grid(tiles, c), kh * kw == 1,
+                                             EPILOGUE_FIRST_LOAD, False, False, heavy,
+                                             "dgrad" if tma else "", tma and bool(DGRAD_TMA), 0,
+                                             *_two_per_sm(4, x, w_gemm, 1, wide_index)),
+                 {"BLOCK_M": rows, "BLOCK_N": _pow2(c, 16, 32), "BLOCK_K": _pow2(k_out, 16, 16),
+                  "GROUP_M": 4, "FLAT": bool(FLAT_LOOP) and kh * kw > 1 and not parity,
+                  "EPILOGUE_FIRST": bool(EPILOGUE_FIRST_LOAD), "TMA": tma and bool(DGRAD_TMA)},
+                 grad_y, w_gemm, x, bn[2], bn[3], bn[0], bn[1], gz, part_gz, part_gz_xhat,
+                 counters if counters is not None else out, out,
+                 m, c, k_out, h, w, oh, ow, tiles, *_strides(grad_y), *_strides(x), *_strides(w_gemm),
+                 STRIDE=stride, PAD=padding, KH=kh, KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype,
+                 INPUT_PRECISION=precision, PARITY=parity, WIDE_INDEX=wide_index,
+                 FINALIZE=counters is not None, TRAINING=training, BLOCK_T=TAIL_T_DGRAD,
+                 L1_TAPS=L1_TAPS and kh * kw > 1 and not parity, even=("EVEN_K", k_out))
+    return part_gz, part_gz_xhat, counters is not None
+
+
+def _dgrad_library(grad_y: Tensor, x: Tensor, weight: Tensor, bn: Tensor, gz: Tensor, out: Tensor,
+                   training: bool, stride: int, padding: int, sync: bool) -> tuple[Tensor, Tensor, bool]:
+    """_dgrad_gemm through PyTorch's convolution backward (the activation's
+    gradient, cuDNN on a GPU), then its epilogue's work in
+    relu_backward_partials_kernel: the same gz and partial sums (one row of
+    partials per RELU_BACKWARD_ROWS pixels), never finalized."""
+    n, c, h, w = x.shape
+    grad_a = _conv_backward(grad_y, x, weight.to(x.dtype), stride, padding, input_grad=True)
+    m = n * h * w
+    block_m, block_c = (32, 16) if INTERPRET else (RELU_BACKWARD_ROWS, _pow2(c, 16, 32))
+    tiles = _cdiv(m, block_m)
+    part_gz = torch.empty((tiles, c), device=x.device, dtype=out.dtype)
+    part_gz_xhat = torch.empty_like(part_gz)
+    _run("relu_backward_partials_kernel", (tiles, _cdiv(c, block_c)), grad_a, x, bn[2], bn[3], bn[0], bn[1], gz,
+         part_gz, part_gz_xhat, m, c, h * w, w, *_strides(grad_a), *_strides(x), BLOCK_M=block_m,
+         BLOCK_C=block_c, IS_FP64=x.dtype == torch.float64)
+    return part_gz, part_gz_xhat, False
+
+
+# Pixels a program of relu_backward_partials_kernel (rows of its partials):
+# the dgrad's row tile. With up to 32 channels, 4 warps hold a tile of
+# 16-bit data in 96 (triton 3.8) to 121 (3.6) registers on sm_90, no spills
+# (64 channels took 168 with 3.8, and fp64 spilled).
+RELU_BACKWARD_ROWS = 128
+
+
+def _wgrad_gemm(x: Tensor, grad_y: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: int,
+                grad_w: Tensor) -> None:
+    """conv_backward's weight gradient in conv_wgrad_kernel (split over rows
+    where the grid would not fill the GPU, then summed) into ``grad_w``."""
+    n, c, h, w = x.shape
+    k_out, _, kh, kw = weight.shape
+    oh, ow = grad_y.shape[2], grad_y.shape[3]
+    dot_dtype, precision, is_fp64 = _dot(x.dtype)
+    m = n * oh * ow
+    tap_rows = _wgrad_tap_rows_mode(x, c, kh, kw, stride, padding)
+    split = WGRAD_SPLIT or (1 if INTERPRET else _wgrad_split(m, k_out, c, kh * kw, kh if tap_rows else 0))
+    # One split is stored in grad_w directly (fp32 sums rounded once on
+    # store), several are summed into it (fp32 partials), so no layout copy
+    # or cast follows.
+    part = grad_w.unsqueeze(0) if split == 1 else torch.empty_strided(
+        (split, *weight.shape), (weight.numel(), *grad_w.stride()), device=x.device, dtype=stats_dtype(x))
+    grid = lambda meta: (kh if meta.get("TAP_ROWS") else kh * kw,  # noqa: E731
+                         _cdiv(k_out, meta["BLOCK_N"]) * _cdiv(c, meta["BLOCK_K"]), split)
+    tma = _tma_wgrad(x, grad_y, weight.shape, stride, padding)
+    act_mode, act = _act_pass_buffer(x, kh * kw, k_out) if not (tma and WGRAD_TMA) else (0, x)
+    _launch_gemm("conv_wgrad_kernel", grid, ("wgrad", k_out, c, is_fp64, WGRAD_CHANNEL_ROWS, tma,
+                                             tma and bool(WGRAD_TMA), act_mode, tap_rows),
+                 {"BLOCK_M": 32, "BLOCK_N": _pow2(k_out, 16, 32), "BLOCK_K": _pow2(c, 16, 32),
+                  "CHANNEL_ROWS": bool(WGRAD_CHANNEL_ROWS) or tap_rows == 2, "TMA": tma and bool(WGRAD_TMA),
+                  "ACT_PASS": act_mode == 2, "TAP_ROWS": tap_rows == 2},
+                 x, act, grad_y, bn[2], bn[3], part, m, c, k_out, h, w, oh, ow, split,
+                 *fast_divisor(oh * ow), *fast_divisor(ow),
+                 *_strides(x), *_strides(grad_y), *part.stride(), STRIDE=stride, PAD=padding, KH=kh,
+                 KW=kw, IS_FP64=is_fp64, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                 WIDE_INDEX=_wide_index(x, grad_y, part), DENSE_ROWS=_dense_rows(x) and _dense_rows(grad_y))
+    if split > 1:
+        _split_sum(part, grad_w)
+
+
+def _wgrad_library(x: Tensor, grad_y: Tensor, weight: Tensor, bn: Tensor, stride: int, padding: int,
+                   grad_w: Tensor) -> None:
+    """_wgrad_gemm through PyTorch's convolution backward (cuDNN on a GPU)
+    of the activation pass's output, copied into ``grad_w`` (the weight's
+    dtype and layout: under autocast, as eager autocast's fp32 weight
+    gradient, rounded once to x's dtype by the convolution first)."""
+    shape_only = torch.empty_like(weight, dtype=x.dtype)  # (the weight's shape and layout in x's dtype; not read)
+    grad_w.copy_(_conv_backward(grad_y, _activation(x, bn), shape_only, stride, padding, input_grad=False))

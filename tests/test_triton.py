@@ -779,6 +779,136 @@ def test_gemms_copying_taps_through_l1(monkeypatch, shape, beta_offset, ksize, s
         _check_ratio_rule(inp, stride, pad)
 
 
+GEMM_KERNELS = ("conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (3, 2), (1, 1), (1, 2)])
+@pytest.mark.parametrize("shape, beta_offset", [((2, 8, 5, 7, 16), 1.0), ((1, 40, 6, 5, 24), 1.0),
+                                                ((2, 8, 4, 4, 8), 30.0)],
+                         ids=["odd", "chunks", "large-beta"])
+def test_gemms_through_the_library_route(monkeypatch, shape, beta_offset, ksize, stride, layout, training):
+    """The three GEMMs through PyTorch's convolution with the unit's other
+    work in Triton passes (LIBRARY_GEMM, forced: activation pass, residual
+    add, ReLU-backward partials): output, every gradient and the running
+    statistics against the reference, residual included, in training and
+    eval; padding must read zero, not relu(shift) (beta + 30); odd sizes,
+    channel tails, stride 2 with odd H/W, 1x1 and 3x3, both layouts; and
+    a check that no Triton GEMM kernel ran."""
+    monkeypatch.setattr(triton_launch, "LIBRARY_GEMM", True)
+    before = dict(triton_launch.LAUNCHES)
+    n, c, h, w, k = shape
+    inp, pad = _inputs(n, c, h, w, k, ksize, stride, REF_DTYPE, layout, True, beta_offset=beta_offset)
+    _compare(inp, training, stride, pad, REF_DTYPE)
+    ran = {name: count - before.get(name, 0) for name, count in triton_launch.LAUNCHES.items()}
+    assert not any(ran.get(kernel) for kernel in GEMM_KERNELS), ran
+    assert ran.get("relu_backward_partials_kernel") == 1 and ran.get("activation_pass_kernel") == 2, ran
+    if DEVICE == "cuda" and training:  # and in bf16 (cuDNN's kernels), the dtype it would be timed for
+        inp, pad = _inputs(n, c, h, w, k, ksize, stride, torch.bfloat16, layout, True, beta_offset=beta_offset)
+        _check_ratio_rule(inp, stride, pad)
+
+
+@pytest.mark.parametrize("weight_format", LAYOUTS)
+def test_library_route_with_a_weight_of_another_dtype_and_layout(monkeypatch, weight_format):
+    """The library route with the weight in another dtype than x (fp64 for
+    fp32 activations, standing in for autocast's fp32 weight and bf16
+    activations: cast to x's dtype for the convolution, its gradient back
+    in the weight's dtype) and either layout, an NCHW x meeting a
+    channels_last weight (PyTorch's convolution then answers in
+    channels_last; the unit's output and gradients keep x's format)."""
+    monkeypatch.setattr(triton_launch, "LIBRARY_GEMM", True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 5, 6, generator=gen).to(DEVICE)
+    weight = (torch.randn(10, 12, 3, 3, generator=gen, dtype=torch.float64) / 6).to(DEVICE)
+    weight = weight.contiguous(memory_format=LAYOUTS[weight_format])
+    _fp64_weight_against_autograd(x, weight, 1, gen)
+    bn = triton_launch.bn_prepare(x, None, None, None, None, None, True, 0.1, 1e-5)
+    y, _ = triton_launch.conv_forward(x, weight, bn, 1, 1, None, False)
+    grad_x, grad_w, _ = triton_launch.conv_backward(torch.randn_like(y), x, weight, bn, True, 1, 1, True, True)
+    assert y.is_contiguous() and grad_x.stride() == x.stride() and grad_w.stride() == weight.stride()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_relu_backward_partials_against_torch(layout):
+    """relu_backward_partials_kernel alone: gz = ga where x*scale + shift >
+    0, written with x's strides from a ga in the other layout, and the
+    per-tile sums of gz and gz*xhat (xhat = (x - mean)*invstd) against torch
+    on the same tiles, pixels and channels past the blocks included."""
+    x = (torch.randn(3, 21, 5, 7, dtype=REF_DTYPE, device=DEVICE) * 2).to(memory_format=LAYOUTS[layout])
+    other = "nchw" if layout == "channels_last" else "channels_last"
+    ga = torch.randn(3, 21, 5, 7, dtype=REF_DTYPE, device=DEVICE).to(memory_format=LAYOUTS[other])
+    sdt = functional.stats_dtype(x)
+    scale, shift, mean = (torch.randn(21, dtype=sdt, device=DEVICE) for _ in range(3))
+    invstd = torch.rand(21, dtype=sdt, device=DEVICE) + 0.5
+    gz = torch.empty_like(x)
+    block_m, block_c = 32, 16
+    tiles = triton_launch._cdiv(105, block_m)
+    part_gz, part_gz_xhat = (torch.empty(tiles, 21, dtype=sdt, device=DEVICE) for _ in range(2))
+    triton_launch._run("relu_backward_partials_kernel", (tiles, 2), ga, x, scale, shift, mean, invstd, gz, part_gz,
+                       part_gz_xhat, 105, 21, 35, 7, *ga.stride(), *x.stride(), BLOCK_M=block_m, BLOCK_C=block_c,
+                       IS_FP64=x.dtype == torch.float64)
+    per_channel = lambda v: v[:, None, None]  # noqa: E731
+    ref = torch.where(x * per_channel(scale) + per_channel(shift) > 0, ga, 0.0)
+    assert gz.stride() == x.stride()
+    torch.testing.assert_close(gz, ref, rtol=0, atol=0)
+    rows = ref.permute(0, 2, 3, 1).reshape(105, 21)
+    xhat = ((x - per_channel(mean)) * per_channel(invstd)).permute(0, 2, 3, 1).reshape(105, 21)
+    pad = tiles * block_m - 105
+    torch.testing.assert_close(part_gz, F.pad(rows, (0, 0, 0, pad)).reshape(tiles, block_m, 21).sum(1))
+    torch.testing.assert_close(part_gz_xhat, F.pad(rows * xhat, (0, 0, 0, pad)).reshape(tiles, block_m, 21).sum(1))
+
+
+def test_library_route_timed_once_a_shape(monkeypatch):
+    """_gemm_route: forced either way by LIBRARY_GEMM; left to the timing
+    (None) only where _routes_timed (a GPU with autotuning on: never under
+    the interpreter), there the faster route of the two trials, kept per
+    GEMM and key (a second call runs no trial), recorded in AUTOTUNED; a
+    library route that raises in its trial is not taken (with a warning)."""
+    calls, trials = [], []
+    times = {"triton": 2.0, "library": 1.0}
+
+    def route(name):
+        return lambda: calls.append(name) or name
+
+    def fake_trial(fn, quantiles):
+        name = fn()
+        trials.append(name)
+        return times[name]
+
+    x = torch.empty(1, 4, 2, 2, device=DEVICE)
+    monkeypatch.setattr(triton_launch, "ROUTES", {})
+    monkeypatch.setattr(triton_launch, "_trial", fake_trial)
+    monkeypatch.setattr(triton_launch, "LIBRARY_GEMM", True)
+    assert triton_launch._gemm_route("forward", (1,), x, route("triton"), route("library")) == "library"
+    monkeypatch.setattr(triton_launch, "LIBRARY_GEMM", False)
+    assert triton_launch._gemm_route("forward", (1,), x, route("triton"), route("library")) == "triton"
+    monkeypatch.setattr(triton_launch, "LIBRARY_GEMM", None)
+    if triton_launch.INTERPRET:
+        assert not triton_launch._routes_timed(x)
+    monkeypatch.setattr(triton_launch, "_routes_timed", lambda x: False)
+    assert triton_launch._gemm_route("forward", (1,), x, route("triton"), route("library")) == "triton"
+    assert not trials
+    monkeypatch.setattr(triton_launch, "_routes_timed", lambda x: True)
+    tuned = len(triton_launch.AUTOTUNED)
+    assert triton_launch._gemm_route("forward", (1,), x, route("triton"), route("library")) == "library"
+    assert trials == ["triton", "library"] and triton_launch.AUTOTUNED[tuned]["best"] == "library"
+    assert triton_launch._gemm_route("forward", (1,), x, route("triton"), route("library")) == "library"
+    times["library"] = 3.0  # another GEMM, another key: timed anew
+    assert triton_launch._gemm_route("dgrad", (1,), x, route("triton"), route("library")) == "triton"
+    assert triton_launch._gemm_route("forward", (2,), x, route("triton"), route("library")) == "triton"
+    assert len(trials) == 6 and len(triton_launch.AUTOTUNED) == tuned + 3
+
+    def failing():
+        raise RuntimeError("no algorithm for this convolution")
+
+    times["library"] = 0.5
+    with pytest.warns(UserWarning, match="keeping the Triton GEMM"):
+        assert triton_launch._gemm_route("wgrad", (1,), x, route("triton"), failing) == "triton"
+    assert triton_launch._gemm_route("wgrad", (1,), x, route("triton"), failing) == "triton"
+    del triton_launch.AUTOTUNED[tuned:]
+
+
 def test_l1_taps_only_where_there_are_taps(monkeypatch):
     """L1_TAPS is asked of the 3x3 GEMMs only: a 1x1 conv has one tap (no
     re-read for L1 to serve), and the dgrad's parity classes (stride 2) have
@@ -1189,7 +1319,9 @@ def test_padding_reads_zero_after_activation():
     _compare(inp, False, 1, pad, REF_DTYPE)
 
 
-def test_non_contiguous_input():
+@pytest.mark.parametrize("library", [False, True], ids=["triton-gemm", "library-route"])
+def test_non_contiguous_input(monkeypatch, library):
+    monkeypatch.setattr(triton_launch, "LIBRARY_GEMM", library)
     base = torch.randn(3, 12, 9, 9, dtype=REF_DTYPE, device=DEVICE)
     inp, pad = _inputs(3, 6, 8, 7, 5, 3, 1, REF_DTYPE, "nchw", False)
     inp["x"] = base[:, ::2, 1:, :7]  # a strided view in neither layout
@@ -1213,9 +1345,14 @@ def test_batch_stats_of_a_non_contiguous_input():
     torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("library", [False, True], ids=["triton-gemm", "library-route"])
 @pytest.mark.parametrize("dtype", sorted({REF_DTYPE, torch.float32}, key=str))
 @pytest.mark.parametrize("residual", [False, True])
-def test_emitted_statistics_are_those_of_the_output(dtype, residual):
+def test_emitted_statistics_are_those_of_the_output(monkeypatch, dtype, residual, library):
+    """The emitted per-tile moments merge to the mean and variance of the
+    stored output, from the GEMM's epilogue or, on the library route, from
+    the statistics kernel in the epilogue's tiles."""
+    monkeypatch.setattr(triton_launch, "LIBRARY_GEMM", library)
     inp, pad = _inputs(3, 5, 9, 7, 6, 3, 2, dtype, "channels_last", residual)
     bn = triton_ops.bn_prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
     y, parts = triton_ops.bn_relu_conv2d(inp["x"], inp["weight"], bn, inp["gamma"], inp["beta"], True, 2, pad,
@@ -1291,6 +1428,20 @@ def test_gradcheck_float64_through_an_activation_pass(monkeypatch, ksize, stride
     _gradcheck_small_unit(ksize, stride)
     for kernel, launches in seen.items():
         assert launches and all(kwargs["ACT_PASS"] for kwargs, _ in launches), kernel
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
+                    "gradcheck runs under the interpreter (CI)")
+@pytest.mark.parametrize("ksize, stride", [(3, 1), (3, 2), (1, 1)])
+def test_gradcheck_float64_through_the_library_route(monkeypatch, ksize, stride):
+    """gradcheck with the three GEMMs through PyTorch's convolution
+    (LIBRARY_GEMM, forced), residual gradient included, and a check that no
+    Triton GEMM kernel ran."""
+    monkeypatch.setattr(triton_launch, "LIBRARY_GEMM", True)
+    before = dict(triton_launch.LAUNCHES)
+    _gradcheck_small_unit(ksize, stride)
+    assert not any(triton_launch.LAUNCHES[kernel] - before.get(kernel, 0) for kernel in GEMM_KERNELS)
+    assert triton_launch.LAUNCHES["relu_backward_partials_kernel"] > before.get("relu_backward_partials_kernel", 0)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="fp64 kernels take ~45 s each to compile on GPU; "
