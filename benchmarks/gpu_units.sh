@@ -100,6 +100,7 @@ fits() { [ $(($(date +%s) - T0 + $1)) -le "${DEADLINE:-480}" ]; }
 # against were compiled above. The route trials are in the json's
 # "autotuned" list ("forward route" ...).
 for model in $([ "${LIBRARY_SIDE_BY_SIDE:-1}" = 1 ] && echo resnetv2_50 resnet164); do
+  case " $MODELS " in *" $model "*) ;; *) continue ;; esac  # (only the MODELS asked for)
   limit=$([ "$model" = resnetv2_50 ] && echo 120 || echo 60)
   fits "$limit" && step "kernel_times_${model}_library" "$limit" env FUSED_PREACT_LIBRARY_GEMM=1 \
     $PY benchmarks/kernel_times.py --providers eager_cl,triton --units "$model" --steps 10 \

@@ -1368,6 +1368,10 @@ def _forward_library(x: Tensor, weight: Tensor, bn: Tensor, stride: int, padding
     in STATS_ROWS-row tiles (the forward epilogue's layout). Returns the
     convolution's own output where it has y's memory format, else y."""
     out = _convolution(_activation(x, bn), weight.to(x.dtype), stride, padding)
+    # (With both a residual and the moments, the add and the moments are two
+    # passes over y where one kernel could do both; a block's closing 1x1
+    # unit has both, and there the fused epilogue is expected to win the
+    # trial anyway: RESULTS.md, session 15.)
     if residual is not None:
         out.add_(residual)
     if out.stride() != y.stride():
