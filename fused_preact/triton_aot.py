@@ -299,7 +299,7 @@ def _small_kernels(dtype: str):
     MERGE_C): (kernel, variant, constexprs, warps[, pointer dtypes])."""
     from . import triton_launch as L
 
-    fp64 = dtype == "fp64"
+    fp64 = _TYPE.get(dtype, dtype) == "fp64"
     merge = {"BLOCK_T": L.MERGE_T, "BLOCK_C": L.MERGE_C}
     for bc in (16, 32, 64):
         yield "channel_stats_partial_kernel", "", {"BLOCK_M": 256, "BLOCK_C": bc, "IS_FP64": fp64}, 4
@@ -459,7 +459,11 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
     return rec
 
 
-def compile_all(archs, dtypes, all_configs: bool, jobs: int = 1, progress: bool = True) -> list[Compiled]:
+def compile_all(archs, dtypes, all_configs: bool, jobs: int = 1, progress: bool = True,
+                one_per_kernel: bool = False) -> list[Compiled]:
+    """Compile the jobs of ``_jobs`` for each arch; ``one_per_kernel``: only
+    each kernel's first job per arch and dtype (a quick check that a dtype
+    builds at all)."""
     import concurrent.futures as cf
     import multiprocessing
 
@@ -468,6 +472,11 @@ def compile_all(archs, dtypes, all_configs: bool, jobs: int = 1, progress: bool 
     # Before sm_90 (no wgmma, no spill check) the first config of each variant
     # is compiled, as a check that the kernels build there (sm_80).
     work = [(arch, job) for arch in archs for job in _jobs(dtypes, all_configs, first_only=arch < 90, tma=arch >= 90)]
+    if one_per_kernel:
+        firsts = {}
+        for arch, job in work:
+            firsts.setdefault((arch, job[0], job[1]), (arch, job))
+        work = list(firsts.values())
     results = []
     with tqdm(total=len(work), desc="AOT compile", disable=not progress) as bar:
         if jobs <= 1:
@@ -514,6 +523,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write every record here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--one-per-kernel", action="store_true",
+                        help="only each kernel's first variant and config per arch and dtype (does the dtype build?)")
     parser.add_argument("--fail-on", choices=["all", "serialized"], default="all",
                         help="which problems set the exit status (serialized: serialized wgmmas and compile "
                              "failures, not spills or missing wgmma; those are still printed)")
@@ -521,7 +532,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compile needs JIT kernels", file=sys.stderr)
         return 2
-    results = compile_all(args.arch, args.dtype, args.all_configs, jobs=args.jobs, progress=not args.no_progress)
+    results = compile_all(args.arch, args.dtype, args.all_configs, jobs=args.jobs, progress=not args.no_progress,
+                          one_per_kernel=args.one_per_kernel)
     if args.json:
         with open(args.json, "w") as f:
             # one record a line: reports regenerated after a change diff line by line

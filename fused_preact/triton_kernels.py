@@ -45,6 +45,10 @@ fit one chunk of each.
 
 Padding taps read zero from the *activated* tensor: the prologue masks the
 activated tile, so relu(shift) never leaks into the border (DESIGN.md §2).
+
+Every ``tl.dot`` names its accumulator's dtype (``out_dtype=acc.dtype``):
+triton 3.6 (the GPU machines') defaults it to fp32 and rejects the fp64
+accumulator of fp64 inputs; 3.8 takes the accumulator's. Same code otherwise.
 """
 
 from __future__ import annotations
@@ -447,7 +451,7 @@ def _fwd_mma(acc, x_ptr, scale_ptr, shift_ptr, row_base, row_ok, w_tap, offs_c, 
                         EVEN_C, ACT_PASS)
     b = tl.load(w_tap + offs_c[:, None] * swc + offs_n[None, :] * swk,
                 mask=((offs_c < C) | EVEN_C)[:, None] & mask_n[None, :], other=0.0)
-    return tl.dot(a, b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    return tl.dot(a, b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -470,7 +474,7 @@ def _fwd_tma_mma(acc, x_desc, w_desc, scale_ptr, shift_ptr, mask_m, oh, ow, kh, 
     # Channels past C: x's tile is zero there (beyond the descriptor), so
     # is the activation (scale = shift = 0), whatever weight rows (the next
     # tap's) the block meets.
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -644,7 +648,7 @@ def _dgrad_mma(acc, gy_ptr, row_base, row_ok, w_tap, offs_k, offs_n, mask_n, K, 
                 mask=row_ok[:, None] & mask_k[None, :], other=0.0)
     b = tl.load(w_tap + offs_k[:, None] * swk + offs_n[None, :] * swc, mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0)
-    return tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    return tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -763,7 +767,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
         if KH * KW == 1:  # (the loop form that keeps ptxas's wgmmas pipelined: conv_fwd_kernel)
             for k0 in range(0, K, BLOCK_K):
                 acc = tl.dot(gy_desc.load([pid_m * BLOCK_M, k0]), w_desc.load([k0, pid_n * BLOCK_N]), acc,
-                             input_precision=INPUT_PRECISION)
+                             input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         else:
             chunks = tl.cdiv(K, BLOCK_K)
             tl.assume(KH * KW * chunks > 0)
@@ -776,7 +780,7 @@ def conv_dgrad_kernel(gy_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                 g = tl.where(row_ok[:, None], g, 0.0)
                 # (channels past K: gy's tile is zero there, beyond the descriptor)
                 b = w_desc.load([(kh * KW + kw) * K + k0, pid_n * BLOCK_N])
-                acc = tl.dot(g, b, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(g, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     elif FLAT:
         chunks = tl.cdiv(K, BLOCK_K)
         tl.assume(KH * KW * chunks > 0)
@@ -937,7 +941,7 @@ def _wgrad_tap_mma(acc, a_t, gy_ptr, g_rows, h_ok, w, kw: tl.constexpr, PAD: tl.
     ok = h_ok & (ow >= 0) & (ow < OW)
     g = tl.load(gy_ptr + (g_rows + _idx((PAD - kw) * sgw, WIDE_INDEX))[:, None]
                 + _idx(offs_k, WIDE_INDEX)[None, :] * sgc, mask=ok[:, None] & mask_k[None, :], other=0.0)
-    return tl.dot(a_t, g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    return tl.dot(a_t, g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -1102,9 +1106,9 @@ def conv_wgrad_kernel(x_ptr, act_ptr, gy_ptr, scale_ptr, shift_ptr, part_ptr,
             a = _activated_tile(act_ptr if ACT_PASS else x_ptr, scale_ptr, shift_ptr, row_base, row_ok, offs_c, C,
                                 sxc, DOT_DTYPE, IS_FP64, WIDE_INDEX, False, ACT_PASS)
         if CHANNEL_ROWS:
-            acc = tl.dot(tl.trans(a), g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(tl.trans(a), g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         else:
-            acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     out = part_ptr + pid_s * sps + kh * sph + kw * spw
     mask_c = offs_c < C
     if CHANNEL_ROWS:

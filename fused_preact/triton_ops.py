@@ -55,18 +55,23 @@ def _bn_stats_fake(x):
     return x.new_empty((2, x.shape[1]), dtype=stats_dtype(x))
 
 
+# No defaults in the op's schema: with a mutated argument left to its
+# default, torch 2.11's in-place bookkeeping (custom_ops' ADInplaceOrView
+# kernel) indexes the positional arguments by schema position and fails with
+# an IndexError (seen with torch 2.11.0, the GPU machines' version; fixed by
+# 2.14). ``prepare`` below keeps the defaults and passes every argument.
 @torch.library.custom_op("fused_preact::triton_bn_prepare",
                          mutates_args=("running_mean", "running_var", "batches_tracked"))
 def bn_prepare(x: Tensor, batch_moments: Optional[Tensor], gamma: Optional[Tensor], beta: Optional[Tensor],
                running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, momentum: float,
-               eps: float, global_count: int = 0, batches_tracked: Optional[Tensor] = None) -> Tensor:
+               eps: float, global_count: int, batches_tracked: Optional[Tensor]) -> Tensor:
     return L.bn_prepare(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps,
                         global_count, batches_tracked)
 
 
 @bn_prepare.register_fake
 def _bn_prepare_fake(x, batch_moments, gamma, beta, running_mean, running_var, training, momentum, eps,
-                     global_count=0, batches_tracked=None):
+                     global_count, batches_tracked):
     return x.new_empty(_bn_shape(x), dtype=stats_dtype(x))
 
 

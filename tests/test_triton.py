@@ -1086,7 +1086,7 @@ def test_gpu_merge_blocks_under_the_interpreter(monkeypatch, tail):
     flags = _launch_flags(monkeypatch, "conv_dgrad_kernel", "FINALIZE")
     inp, pad = _inputs(2, 20, 68, 68, 18, 1, 1, REF_DTYPE, "channels_last", True)
     _compare(inp, True, 1, pad, REF_DTYPE)
-    bn = triton_ops.bn_prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+    bn = triton_ops.prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
     y, parts = triton_ops.bn_relu_conv2d(inp["x"], inp["weight"], bn, inp["gamma"], inp["beta"], True, 1, pad,
                                          inp["residual"], True)
     assert parts.shape[1] > 256 and flags and set(flags) == {tail}
@@ -1354,7 +1354,7 @@ def test_emitted_statistics_are_those_of_the_output(monkeypatch, dtype, residual
     the statistics kernel in the epilogue's tiles."""
     monkeypatch.setattr(triton_launch, "LIBRARY_GEMM", library)
     inp, pad = _inputs(3, 5, 9, 7, 6, 3, 2, dtype, "channels_last", residual)
-    bn = triton_ops.bn_prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+    bn = triton_ops.prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
     y, parts = triton_ops.bn_relu_conv2d(inp["x"], inp["weight"], bn, inp["gamma"], inp["beta"], True, 2, pad,
                                          inp["residual"], True)
     y_mean, y_var = triton_launch.merge_moments(parts, y.numel() // y.shape[1])
@@ -1511,14 +1511,15 @@ def test_gradcheck_float64_through_tma_descriptors(monkeypatch, ksize):
 
 def test_opcheck():
     inp, pad = _inputs(2, 3, 4, 4, 4, 3, 1, REF_DTYPE, "channels_last", True)
-    bn = triton_ops.bn_prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
+    bn = triton_ops.prepare(inp["x"], None, inp["gamma"], inp["beta"], None, None, True, 0.1, 1e-5)
     args = (inp["x"].requires_grad_(), inp["weight"].requires_grad_(), bn, inp["gamma"].requires_grad_(),
             inp["beta"], True, 1, pad, inp["residual"], True)
     torch.library.opcheck(triton_ops.bn_relu_conv2d, args)
     torch.library.opcheck(triton_ops.bn_stats, (inp["x"].detach(),))
     for training in (True, False):
         torch.library.opcheck(triton_ops.bn_prepare, (inp["x"].detach(), None, inp["gamma"].detach(), inp["beta"],
-                                                      inp["running_mean"], inp["running_var"], training, 0.1, 1e-5))
+                                                      inp["running_mean"], inp["running_var"], training, 0.1, 1e-5,
+                                                      0, None))
 
 
 def _model_tol():

@@ -120,3 +120,16 @@ print(json.dumps(counts))
     plain, l1 = counts["3x3/s1"], counts["3x3/s1,l1"]
     assert plain["cg"] > 0 and plain["ca"] > 0, plain
     assert l1["cg"] == 0 and l1["ca"] > plain["ca"], l1
+
+
+@pytest.mark.parametrize("dtype", ["float64", "fp64"])
+def test_small_kernels_compile_fp64_as_fp64(dtype):
+    """The job list's reductions take fp64 accumulators for fp64 data,
+    whether the dtype is named as torch or as triton names it (the
+    ``--dtype float64`` compile once built them with fp32 accumulators over
+    fp64 pointers, which fails to compile: a loop-carried type mismatch)."""
+    from fused_preact.triton_aot import _small_kernels
+
+    flagged = [(kernel, c["IS_FP64"]) for kernel, _, c, *_ in _small_kernels(dtype) if "IS_FP64" in c]
+    assert flagged and all(fp64 for _, fp64 in flagged), flagged
+    assert not any(c.get("IS_FP64") for _, _, c, *_ in _small_kernels("bfloat16"))
