@@ -21,6 +21,7 @@ Must run with TRITON_INTERPRET unset (the kernels must be JIT functions).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import itertools
 import json
@@ -109,6 +110,52 @@ def _specialize(fn, dtype: str, constexprs: dict, pointer_dtypes: Optional[dict]
             if name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs, consts
+
+
+# Reading a compile (cuobjdump -sass: ~0.8 s a conv kernel; ptxas again for
+# its notes: 0.2-1 s) costs far more than the compile itself once Triton's
+# cache holds it (~30 ms): with a warm cache they were all of CI's 8-minute
+# sm_80+sm_90 run. Their answers are kept on disk, keyed by what they read
+# (the cubin or PTX, the arch, the Triton release whose tools read it) and by
+# the source of the function that reads it, so a changed reader recomputes.
+# FUSED_PREACT_AOT_CACHE: the folder (default ~/.cache/fused_preact/aot;
+# empty: no cache).
+def _cache_dir() -> str:
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                           "fused_preact", "aot")
+    return os.environ.get("FUSED_PREACT_AOT_CACHE", default)
+
+
+def _cached(reader, inputs: tuple, key: tuple, sources: tuple = ()):
+    """``reader(*inputs)``, from the analysis cache where it was computed
+    before for the same ``key`` (bytes or str: what the reader reads, not
+    where its tools lie, which changes with each CI venv), Triton release and
+    source of ``reader`` and of the functions in ``sources``; a JSON value
+    (tuples come back as lists)."""
+    import triton
+
+    directory = _cache_dir()
+    if not directory:
+        return reader(*inputs)
+    digest = hashlib.sha256()
+    for part in (triton.__version__, *(inspect.getsource(f) for f in (reader, *sources)), *key):
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+        digest.update(b"\0")
+    path = os.path.join(directory, f"{reader.__name__.strip('_')}-{digest.hexdigest()}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    value = reader(*inputs)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+            json.dump(value, f)
+        os.replace(f.name, path)  # (atomic: parallel jobs never read half a file)
+    except OSError:
+        pass
+    return value
 
 
 def _serialized(ptx: str, arch: int) -> str:
@@ -446,13 +493,14 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
         compiled = _compile(arch, job)
         rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"], tool)
         if kernel.startswith("conv_"):
-            rec.loop_instructions, rec.loop_mmas = _mainloop(compiled.asm["cubin"], tool)
+            rec.loop_instructions, rec.loop_mmas = _cached(_mainloop, (compiled.asm["cubin"], tool),
+                                                           (compiled.asm["cubin"],), (_mainloop_of_sass,))
         rec.shared_bytes = int(compiled.metadata.shared)
         rec.wgmma = "wgmma" in compiled.asm.get("ptx", "")
         pendings = [int(p) for p in re.findall(r"pendings = (\d+)", compiled.asm.get("ttgir", ""))]
         rec.wgmma_pending = max(pendings) if pendings and rec.wgmma else -1
         if rec.wgmma and arch >= 90:
-            rec.serialized = _serialized(compiled.asm["ptx"], arch)
+            rec.serialized = _cached(_serialized, (compiled.asm["ptx"], arch), (compiled.asm["ptx"], arch))
     except Exception as exc:  # noqa: BLE001  (reported, and the exit status says so)
         rec.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     rec.seconds = time.time() - t0

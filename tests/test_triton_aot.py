@@ -133,3 +133,32 @@ def test_small_kernels_compile_fp64_as_fp64(dtype):
     flagged = [(kernel, c["IS_FP64"]) for kernel, _, c, *_ in _small_kernels(dtype) if "IS_FP64" in c]
     assert flagged and all(fp64 for _, fp64 in flagged), flagged
     assert not any(c.get("IS_FP64") for _, _, c, *_ in _small_kernels("bfloat16"))
+
+
+def test_analysis_cache_keeps_an_answer_for_the_same_input(tmp_path, monkeypatch):
+    """A reading of a compile (cuobjdump's loop count, ptxas's notes) comes
+    from the analysis cache for an input read before, is recomputed for
+    another input or another reader source, and is never cached with
+    FUSED_PREACT_AOT_CACHE empty."""
+    from fused_preact import triton_aot
+
+    calls = []
+
+    def reader(text):
+        calls.append(text)
+        return [len(text), text.count("x")]
+
+    def helper():
+        return 1
+
+    monkeypatch.setenv("FUSED_PREACT_AOT_CACHE", str(tmp_path))
+    assert triton_aot._cached(reader, ("axx",), ("axx",), (helper,)) == [3, 2]
+    assert triton_aot._cached(reader, ("axx",), ("axx",), (helper,)) == [3, 2]
+    assert calls == ["axx"], "the second call must come from the cache"
+    assert triton_aot._cached(reader, ("ax",), ("ax",), (helper,)) == [2, 1] and calls == ["axx", "ax"]
+    # The same input read by a reader whose helper source differs: recomputed.
+    assert triton_aot._cached(reader, ("axx",), ("axx",), (triton_aot._cached,)) == [3, 2] and len(calls) == 3
+    assert len(list(tmp_path.glob("reader-*.json"))) == 3 and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setenv("FUSED_PREACT_AOT_CACHE", "")
+    triton_aot._cached(reader, ("axx",), ("axx",), (helper,))
+    assert len(calls) == 4
