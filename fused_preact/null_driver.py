@@ -37,14 +37,21 @@ def compiler() -> Optional[str]:
 
 def build(directory: str) -> dict:
     """Compiles null_cuda.c into ``directory``/libcuda.so.1 and returns an
-    environment for a child process that loads it (Triton's cache in
-    ``directory`` too, away from real kernels; TRITON_INTERPRET unset)."""
+    environment for a child process that loads it (TRITON_INTERPRET unset).
+
+    The child uses Triton's usual cache: what it compiles there is what a
+    compile for an sm_90 GPU gives (the same compiler, target and keys), and
+    the launcher modules Triton builds link libcuda.so.1 by name, found through
+    LD_LIBRARY_PATH when loaded (no path to the null library is recorded in
+    them). So a second run finds its kernels compiled (the launch-path tests'
+    ~100 s of compiles on CI's CPU) and nothing there differs from a real
+    machine's entries."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (CC, cc or gcc) to build fused_preact/null_cuda.c")
     subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", os.path.join(directory, "libcuda.so.1"), _SOURCE],
                    check=True)
-    env = dict(os.environ, TRITON_LIBCUDA_PATH=directory, TRITON_CACHE_DIR=os.path.join(directory, "triton-cache"),
+    env = dict(os.environ, TRITON_LIBCUDA_PATH=directory,
                LD_LIBRARY_PATH=os.pathsep.join(p for p in (directory, os.environ.get("LD_LIBRARY_PATH")) if p))
     env.pop("TRITON_INTERPRET", None)
     return env
