@@ -116,7 +116,7 @@ def _specialize(fn, dtype: str, constexprs: dict, pointer_dtypes: Optional[dict]
 # its notes: 0.2-1 s) costs far more than the compile itself once Triton's
 # cache holds it (~30 ms): with a warm cache they were all of CI's 8-minute
 # sm_80+sm_90 run. Their answers are kept on disk, keyed by what they read
-# (the cubin or PTX, the arch, the Triton release whose tools read it) and by
+# (the cubin, or the PTX and arch; the Triton release whose tools read it) and by
 # the source of the function that reads it, so a changed reader recomputes.
 # FUSED_PREACT_AOT_CACHE: the folder (default ~/.cache/fused_preact/aot;
 # empty: no cache).
@@ -126,19 +126,19 @@ def _cache_dir() -> str:
     return os.environ.get("FUSED_PREACT_AOT_CACHE", default)
 
 
-def _cached(reader, inputs: tuple, key: tuple, sources: tuple = ()):
+def _cached(reader, *inputs, sources: tuple = ()):
     """``reader(*inputs)``, from the analysis cache where it was computed
-    before for the same ``key`` (bytes or str: what the reader reads, not
-    where its tools lie, which changes with each CI venv), Triton release and
-    source of ``reader`` and of the functions in ``sources``; a JSON value
-    (tuples come back as lists)."""
+    before for the same inputs (bytes, str or numbers: what the reader reads;
+    its tools it finds itself, ``_tool``, since their folder changes with each
+    CI venv), Triton release and source of ``reader`` and of the functions in
+    ``sources``; a JSON value (tuples come back as lists)."""
     import triton
 
     directory = _cache_dir()
     if not directory:
         return reader(*inputs)
     digest = hashlib.sha256()
-    for part in (triton.__version__, *(inspect.getsource(f) for f in (reader, *sources)), *key):
+    for part in (triton.__version__, *(inspect.getsource(f) for f in (reader, *sources)), *inputs):
         digest.update(part if isinstance(part, bytes) else str(part).encode())
         digest.update(b"\0")
     path = os.path.join(directory, f"{reader.__name__.strip('_')}-{digest.hexdigest()}.json")
@@ -161,9 +161,7 @@ def _cached(reader, inputs: tuple, key: tuple, sources: tuple = ()):
 def _serialized(ptx: str, arch: int) -> str:
     """ptxas's reason for serializing the wgmmas of ``ptx`` (compiled again
     with the ptxas Triton ships, -v; Triton's own compile drops its notes), or ""."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = _tool("ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
@@ -176,23 +174,30 @@ def _serialized(ptx: str, arch: int) -> str:
     return note.group(1) if note else ""
 
 
-def _resources(cubin: bytes, tool: str) -> tuple[int, int]:
+def _tool(name: str) -> str:
+    """The path of a CUDA tool Triton ships (ptxas, cuobjdump)."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     reg = re.search(r"REG:(\d+)", out)
     # Spilled registers live in the stack frame (STACK) or local memory (LOCAL).
     spill = sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", out))
     return int(reg.group(1)) if reg else -1, spill if reg else -1
 
 
-def _mainloop(cubin: bytes, tool: str) -> tuple[int, int]:
+def _mainloop(cubin: bytes) -> tuple[int, int]:
     """``_mainloop_of_sass`` of the cubin's ``cuobjdump -sass``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return _mainloop_of_sass(subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout)
+        return _mainloop_of_sass(subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout)
 
 
 def _mainloop_of_sass(sass: str) -> tuple[int, int]:
@@ -478,12 +483,9 @@ def compile_ptx(arch: int, job: tuple) -> str:
 
 
 def _compile_one(arch: int, job: tuple) -> Compiled:
-    import triton
-
     kernel, dtype, variant, constexprs, warps, stages, default, pointers = job
     constexprs = dict(constexprs)
     maxnreg = constexprs.pop("maxnreg", None)  # a config's register limit (triton.Config.maxnreg)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     cfg_label = ",".join(f"{k}={v}" for k, v in constexprs.items()
                          if k.startswith(("BLOCK", "GROUP", "FLAT", "CHANNEL_ROWS", "EPILOGUE", "TMA")))
     limit = f",maxnreg={maxnreg}" if maxnreg else ""
@@ -491,16 +493,16 @@ def _compile_one(arch: int, job: tuple) -> Compiled:
     t0 = time.time()
     try:
         compiled = _compile(arch, job)
-        rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"], tool)
+        rec.registers, rec.spill_bytes = _resources(compiled.asm["cubin"])
         if kernel.startswith("conv_"):
-            rec.loop_instructions, rec.loop_mmas = _cached(_mainloop, (compiled.asm["cubin"], tool),
-                                                           (compiled.asm["cubin"],), (_mainloop_of_sass,))
+            rec.loop_instructions, rec.loop_mmas = _cached(_mainloop, compiled.asm["cubin"],
+                                                           sources=(_mainloop_of_sass,))
         rec.shared_bytes = int(compiled.metadata.shared)
         rec.wgmma = "wgmma" in compiled.asm.get("ptx", "")
         pendings = [int(p) for p in re.findall(r"pendings = (\d+)", compiled.asm.get("ttgir", ""))]
         rec.wgmma_pending = max(pendings) if pendings and rec.wgmma else -1
         if rec.wgmma and arch >= 90:
-            rec.serialized = _cached(_serialized, (compiled.asm["ptx"], arch), (compiled.asm["ptx"], arch))
+            rec.serialized = _cached(_serialized, compiled.asm["ptx"], arch)
     except Exception as exc:  # noqa: BLE001  (reported, and the exit status says so)
         rec.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     rec.seconds = time.time() - t0

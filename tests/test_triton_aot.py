@@ -152,13 +152,13 @@ def test_analysis_cache_keeps_an_answer_for_the_same_input(tmp_path, monkeypatch
         return 1
 
     monkeypatch.setenv("FUSED_PREACT_AOT_CACHE", str(tmp_path))
-    assert triton_aot._cached(reader, ("axx",), ("axx",), (helper,)) == [3, 2]
-    assert triton_aot._cached(reader, ("axx",), ("axx",), (helper,)) == [3, 2]
+    assert triton_aot._cached(reader, "axx", sources=(helper,)) == [3, 2]
+    assert triton_aot._cached(reader, "axx", sources=(helper,)) == [3, 2]
     assert calls == ["axx"], "the second call must come from the cache"
-    assert triton_aot._cached(reader, ("ax",), ("ax",), (helper,)) == [2, 1] and calls == ["axx", "ax"]
+    assert triton_aot._cached(reader, "ax", sources=(helper,)) == [2, 1] and calls == ["axx", "ax"]
     # The same input read by a reader whose helper source differs: recomputed.
-    assert triton_aot._cached(reader, ("axx",), ("axx",), (triton_aot._cached,)) == [3, 2] and len(calls) == 3
+    assert triton_aot._cached(reader, "axx", sources=(triton_aot._cached,)) == [3, 2] and len(calls) == 3
     assert len(list(tmp_path.glob("reader-*.json"))) == 3 and not list(tmp_path.glob("*.tmp"))
     monkeypatch.setenv("FUSED_PREACT_AOT_CACHE", "")
-    triton_aot._cached(reader, ("axx",), ("axx",), (helper,))
+    triton_aot._cached(reader, "axx", sources=(helper,))
     assert len(calls) == 4
